@@ -1,0 +1,204 @@
+"""`Pipeline`: the tasks users run, all on top of the one denoising loop in `denoise.py`."""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+
+import torch
+from PIL import Image
+
+from . import images as imgs
+from .denoise import DenoiseInputs, StepCallback, StepHook, denoise
+from .guidance import uses_cfg
+from .latents import decode, encode, generators, seeded_noise, vae_scale_factor
+from .loading import Components, ModelKind
+from .metadata import format_infotext
+from .params import GenerationParams, Limits
+from .prompts import PromptEncoder
+from .samplers import make_scheduler
+
+VERSION = "ldm 0.1.0"
+
+
+@dataclass
+class Result:
+    images: list[Image.Image]
+    seeds: list[int]
+    infotexts: list[str]
+    params: GenerationParams
+    latents: torch.Tensor | None = field(default=None, repr=False)  # final latents, for a hires-fix pass
+
+
+@dataclass
+class Start:
+    """How a task starts the loop: its initial latents, schedule slice, and per-step extras."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    extra_channels: torch.Tensor | None = None
+    class_labels: torch.Tensor | None = None
+    after_step: StepHook | None = None
+
+
+# (scheduler, generators) -> Start; called after set_timesteps, in diffusers' random-draw order.
+StartFn = Callable[[object, list[torch.Generator]], Start]
+
+
+class Pipeline:
+    """A loaded model and the tasks it can run. Stateless between calls: safe to share across requests."""
+
+    def __init__(self, components: Components, *, max_size: int = 2048, max_batch: int = 16):
+        self.components = components
+        self.tokenizer = components.tokenizer
+        self.text_encoder = components.text_encoder
+        self.unet = components.unet
+        self.vae = components.vae
+        self.scheduler_config = components.scheduler_config
+        self.kind = components.kind
+        self.name = components.name
+        self.prompts = PromptEncoder(self.tokenizer, self.text_encoder)
+        self.vae_scale_factor = vae_scale_factor(self.vae)
+        self.limits = Limits(
+            size_step=math.lcm(8, self.vae_scale_factor),
+            max_size=max_size,
+            max_batch=max_batch,
+            max_steps=int(self.scheduler_config.get("num_train_timesteps", 1000)),
+        )
+        self.default_size = int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @cached_property
+    def model_hash(self) -> str:
+        """First 10 hex digits of the SHA-256 of the U-Net weights (computed once)."""
+        h = hashlib.sha256()
+        for f in sorted((self.components.path / "unet").glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+        return h.hexdigest()[:10]
+
+    # ---- tasks -------------------------------------------------------------------------------
+
+    def txt2img(self, prompt: str = "", *, callback: StepCallback | None = None, **settings) -> Result:
+        """Generate images from text. Settings are `GenerationParams` fields (width, steps, sampler, ...)."""
+        self._require(ModelKind.BASE, "txt2img")
+        p = self._params(prompt, settings, strength=1.0)
+
+        def start(scheduler, gens):
+            shape = (p.batch_size, self.unet.config.in_channels, p.height // self.vae_scale_factor, p.width // self.vae_scale_factor)
+            noise = seeded_noise(shape, gens, dtype=self.dtype, device=self.device)
+            return Start(noise * scheduler.init_noise_sigma, scheduler.timesteps)
+
+        return self._run(p, start, callback)
+
+    def img2img(self, image, prompt: str = "", *, strength: float = 0.75, callback: StepCallback | None = None, **settings) -> Result:
+        """Redraw an image. width/height default to the image's size rounded down to the size step."""
+        self._require(ModelKind.BASE, "img2img")
+        image = imgs.load_image(image)
+        settings = self._size_from_image(image, settings)
+        p = self._params(prompt, settings, strength=strength)
+        pixels = imgs.pil_to_tensor([image.resize((p.width, p.height), Image.LANCZOS) if image.size != (p.width, p.height) else image])
+
+        def start(scheduler, gens):
+            timesteps = self._strength_slice(scheduler, p.steps, p.strength)
+            init = encode(self.vae, pixels.repeat(p.batch_size, 1, 1, 1), gens)
+            noise = seeded_noise(init.shape, gens, dtype=self.dtype, device=self.device)
+            latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(p.batch_size))
+            return Start(latents, timesteps)
+
+        return self._run(p, start, callback, extra_info={"Denoising strength": p.strength})
+
+    # ---- shared machinery --------------------------------------------------------------------
+
+    def _require(self, kind: ModelKind, task: str) -> None:
+        if self.kind != kind:
+            raise ValueError(f"{task} needs a {kind.value} model, but {self.name!r} is a {self.kind.value} model")
+
+    def _size_from_image(self, image: Image.Image, settings: dict) -> dict:
+        step = self.limits.size_step
+        w, h = image.size
+        out = dict(settings)
+        if out.get("width") is None:
+            out["width"] = max(step, w // step * step)
+        if out.get("height") is None:
+            out["height"] = max(step, h // step * step)
+        return out
+
+    def _params(self, prompt: str, settings: dict, **fixed) -> GenerationParams:
+        unknown = set(settings) - GenerationParams.field_names()
+        if unknown:
+            raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        values = {k: v for k, v in settings.items() if v is not None}
+        values.setdefault("width", self.default_size)
+        values.setdefault("height", self.default_size)
+        return GenerationParams(prompt=prompt, **values, **fixed).validate(self.limits)
+
+    @staticmethod
+    def _strength_slice(scheduler, steps: int, strength: float) -> torch.Tensor:
+        """The tail of the schedule that img2img runs, cut as diffusers cuts it."""
+        run = min(int(steps * strength), steps)
+        begin = (steps - run) * scheduler.order
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(begin)
+        timesteps = scheduler.timesteps[begin:]
+        if len(timesteps) == 0:
+            raise ValueError(f"strength {strength} with {steps} steps leaves no step to run; raise one of them")
+        return timesteps
+
+    def _run(self, p: GenerationParams, start_fn: StartFn, callback: StepCallback | None, extra_info: dict | None = None) -> Result:
+        p = p.with_seed()
+        seeds = [p.seed + i for i in range(p.batch_size)]
+        gens = generators(seeds)
+        with torch.inference_mode():
+            cond, uncond = self.prompts.encode_pair(
+                p.prompt, p.negative_prompt, clip_skip=p.clip_skip, need_negative=uses_cfg(p.guidance_scale)
+            )
+            cond = cond.repeat(p.batch_size, 1, 1)
+            uncond = uncond.repeat(p.batch_size, 1, 1) if uncond is not None else None
+            scheduler = make_scheduler(p.sampler, p.schedule, self.scheduler_config, seeds=seeds)
+            scheduler.set_timesteps(p.steps, device=self.device)
+            s = start_fn(scheduler, gens)
+            latents = denoise(
+                self.unet,
+                DenoiseInputs(
+                    latents=s.latents, timesteps=s.timesteps, scheduler=scheduler, cond=cond, uncond=uncond,
+                    guidance_scale=p.guidance_scale, generators=gens, extra_channels=s.extra_channels,
+                    class_labels=s.class_labels, after_step=s.after_step,
+                ),
+                callback,
+            )
+            pixels = decode(self.vae, latents)
+        images = imgs.tensor_to_pil(pixels)
+        infotexts = [self.infotext(replace(p, seed=s), extra_info) for s in seeds]
+        return Result(images, seeds, infotexts, p, latents)
+
+    def infotext(self, p: GenerationParams, extra: dict | None = None) -> str:
+        info = {
+            "Steps": p.steps,
+            "Sampler": p.sampler,
+            "Schedule type": None if p.schedule == "Automatic" else p.schedule,
+            "CFG scale": _num(p.guidance_scale),
+            "Seed": p.seed,
+            "Size": f"{p.width}x{p.height}",
+            "Model hash": self.model_hash,
+            "Model": self.name,
+            "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
+            **{k: _num(v) for k, v in (extra or {}).items()},
+            "Version": VERSION,
+        }
+        return format_infotext(p.prompt, p.negative_prompt, info)
+
+
+def _num(v):
+    """7.0 -> 7, as A1111 writes whole numbers."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v

@@ -1,0 +1,202 @@
+"""Prompt text -> CLIP embeddings, with A1111's attention syntax, BREAK, long prompts and clip skip.
+
+Syntax (as AUTOMATIC1111's web UI reads it):
+    (word)       weight x1.1, nestable: ((word)) = x1.21
+    (word:1.3)   explicit weight
+    [word]       weight /1.1
+    \\( \\) \\[ \\]  literal brackets
+    BREAK        start a new 75-token chunk
+Prompts longer than 75 tokens are split into chunks of 75 (each wrapped in BOS/EOS and encoded
+separately), then concatenated along the sequence axis: nothing is truncated.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+CHUNK_TOKENS = 75  # CLIP's 77 positions minus BOS and EOS
+COMMA_BACKTRACK = 20  # A1111 default: a full chunk breaks after a comma this close to its end
+ROUND_UP = 1.1
+SQUARE_DOWN = 1 / 1.1
+
+_TOKENS = re.compile(
+    r"""
+    \\(?P<escaped>[()\[\]\\])        # \( \) \[ \] \\ : the character itself
+    | (?P<backslash>\\)              # any other backslash is dropped
+    | (?P<open>[(\[])
+    | :\s*(?P<weight>[+-]?[.\d]+)\s*\)   # ":1.3)" closes a round bracket with that weight
+    | (?P<close>[)\]])
+    | (?P<text>[^\\()\[\]:]+)
+    | (?P<colon>:)
+    """,
+    re.VERBOSE,
+)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def parse_attention(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) runs exactly as A1111's `parse_prompt_attention` does.
+
+    BREAK appears as ("BREAK", -1.0); adjacent runs of equal weight are merged.
+    """
+    runs: list[list] = []  # [text, weight], mutable while brackets close
+    open_round: list[int] = []  # index of the first run inside each open bracket
+    open_square: list[int] = []
+
+    def scale_from(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            run[1] *= factor
+
+    def add_text(chunk: str) -> None:
+        for i, part in enumerate(_BREAK.split(chunk)):
+            if i:
+                runs.append(["BREAK", -1.0])
+            runs.append([part, 1.0])
+
+    for m in _TOKENS.finditer(text):
+        kind, value = m.lastgroup, m.group(0)
+        if m.group("escaped") is not None:
+            runs.append([m.group("escaped"), 1.0])
+        elif kind == "backslash":
+            runs.append(["", 1.0])
+        elif kind == "open":
+            (open_round if value == "(" else open_square).append(len(runs))
+        elif m.group("weight") is not None and open_round and _is_number(m.group("weight")):
+            scale_from(open_round.pop(), float(m.group("weight")))
+        elif value == ")" and open_round:
+            scale_from(open_round.pop(), ROUND_UP)
+        elif value == "]" and open_square:
+            scale_from(open_square.pop(), SQUARE_DOWN)
+        else:  # plain text, or a bracket/weight with nothing open: literal
+            add_text(value)
+
+    # Unclosed brackets still apply, rounds first, as A1111 does.
+    for start in open_round:
+        scale_from(start, ROUND_UP)
+    for start in open_square:
+        scale_from(start, SQUARE_DOWN)
+
+    if not runs:
+        return [("", 1.0)]
+    merged = [runs[0]]
+    for run in runs[1:]:
+        if run[1] == merged[-1][1]:
+            merged[-1][0] += run[0]
+        else:
+            merged.append(run)
+    return [(t, w) for t, w in merged]
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass
+class Chunk:
+    """Up to 75 token ids with their weights, before BOS/EOS/padding."""
+
+    ids: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+
+def chunk_prompt(text: str, tokenizer) -> list[Chunk]:
+    """Tokenize a prompt into 75-token chunks carrying per-token weights (A1111's rules)."""
+    parsed = parse_attention(text)
+    comma = tokenizer.get_vocab().get(",</w>")
+    chunks: list[Chunk] = []
+    current = Chunk()
+    last_comma = -1
+
+    def close_chunk() -> None:
+        nonlocal current, last_comma
+        chunks.append(current)
+        current, last_comma = Chunk(), -1
+
+    texts = [t for t, _ in parsed]
+    token_lists = tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
+    for ids, (piece, weight) in zip(token_lists, parsed):
+        if piece == "BREAK" and weight == -1:
+            close_chunk()
+            continue
+        for token in ids:
+            if token == comma:
+                last_comma = len(current.ids)
+            elif len(current.ids) == CHUNK_TOKENS and last_comma != -1 and len(current.ids) - last_comma <= COMMA_BACKTRACK:
+                # Keep the words after the last comma together in the next chunk.
+                cut = last_comma + 1
+                carried = Chunk(current.ids[cut:], current.weights[cut:])
+                del current.ids[cut:], current.weights[cut:]
+                close_chunk()
+                current = carried
+            if len(current.ids) == CHUNK_TOKENS:
+                close_chunk()
+            current.ids.append(token)
+            current.weights.append(weight)
+    if current.ids or not chunks:
+        close_chunk()
+    return chunks
+
+
+def final_layer_norm(text_encoder) -> torch.nn.Module:
+    # transformers 5 flattened CLIPTextModel; older releases keep it under .text_model
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    return inner.final_layer_norm
+
+
+class PromptEncoder:
+    """Turns prompt text into U-Net conditioning with a CLIP tokenizer and text encoder."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+
+    def token_count(self, text: str) -> int:
+        return sum(len(c.ids) for c in chunk_prompt(text, self.tokenizer))
+
+    def encode_pair(self, prompt: str, negative_prompt: str, *, clip_skip: int = 1, need_negative: bool = True):
+        """(cond, uncond) embeddings of equal length, each [1, 77 * chunks, dim]; uncond is None when not needed."""
+        cond_chunks = chunk_prompt(prompt, self.tokenizer)
+        if not need_negative:
+            return self.encode_chunks(cond_chunks, clip_skip), None
+        uncond_chunks = chunk_prompt(negative_prompt, self.tokenizer)
+        n = max(len(cond_chunks), len(uncond_chunks))
+        # The shorter side is padded with empty chunks so both have the same sequence length.
+        cond_chunks += [Chunk() for _ in range(n - len(cond_chunks))]
+        uncond_chunks += [Chunk() for _ in range(n - len(uncond_chunks))]
+        return self.encode_chunks(cond_chunks, clip_skip), self.encode_chunks(uncond_chunks, clip_skip)
+
+    def encode_chunks(self, chunks: list[Chunk], clip_skip: int) -> torch.Tensor:
+        tok = self.tokenizer
+        length = CHUNK_TOKENS + 2
+        # Same layout as the tokenizer's own padding: BOS, tokens, EOS, then pad.
+        rows = [[tok.bos_token_id, *c.ids, tok.eos_token_id] for c in chunks]
+        rows = [r + [tok.pad_token_id] * (length - len(r)) for r in rows]
+        device = self.text_encoder.device
+        ids = torch.tensor(rows, dtype=torch.long, device=device)
+        if clip_skip <= 1:
+            z = self.text_encoder(ids)[0]
+        else:
+            hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states
+            z = final_layer_norm(self.text_encoder)(hidden[-clip_skip])
+        out = []
+        for i, c in enumerate(chunks):
+            zi = z[i : i + 1]
+            if any(w != 1.0 for w in c.weights):
+                zi = _apply_weights(zi, c.weights)
+            out.append(zi)
+        return torch.cat(out, dim=1).to(self.text_encoder.dtype)
+
+
+def _apply_weights(z: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Scale token embeddings by their weights, then restore the chunk's mean (A1111's 'original' emphasis)."""
+    w = torch.ones(z.shape[1], dtype=z.dtype, device=z.device)
+    w[1 : 1 + len(weights)] = torch.tensor(weights, dtype=z.dtype)
+    before = z.mean()
+    z = z * w[None, :, None]
+    return z * (before / z.mean())
