@@ -222,7 +222,9 @@ def load_image(
         image = image.copy()  # never hand back (and let callers mutate) the caller's object
 
     if mode is not None and image.mode != mode:
-        image = to_8bit(image).convert(mode)
+        if mode not in ("I", "F") and not mode.startswith("I;16"):
+            image = to_8bit(image)  # scale 16-bit/float down instead of clipping
+        image = image.convert(mode)
     return image
 
 
