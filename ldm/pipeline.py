@@ -118,6 +118,30 @@ class Pipeline:
 
         return self._run(p, start, callback, extra_info={"Denoising strength": p.strength})
 
+    def inpaint(self, image, mask, prompt: str = "", **kwargs) -> Result:
+        """Repaint the masked (white) part of an image; see `ldm.inpaint.inpaint`."""
+        from .inpaint import inpaint
+
+        return inpaint(self, image, mask, prompt, **kwargs)
+
+    def outpaint(self, image, prompt: str = "", **kwargs) -> Result:
+        """Extend the canvas on chosen sides and paint the new area; see `ldm.inpaint.outpaint`."""
+        from .inpaint import outpaint
+
+        return outpaint(self, image, prompt, **kwargs)
+
+    def upscale(self, image, prompt: str = "", **kwargs) -> Result:
+        """x4 upscaler models; see `ldm.upscale.upscale`."""
+        from .upscale import upscale
+
+        return upscale(self, image, prompt, **kwargs)
+
+    def hires_fix(self, image_or_result, prompt: str = "", **kwargs) -> Result:
+        """Upscale (latents or pixels) and redraw at a denoising strength; see `ldm.upscale.hires_fix`."""
+        from .upscale import hires_fix
+
+        return hires_fix(self, image_or_result, prompt, **kwargs)
+
     # ---- shared machinery --------------------------------------------------------------------
 
     def _require(self, kind: ModelKind, task: str) -> None:
