@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import tiling
+
 log = logging.getLogger(__name__)
 
 
@@ -24,28 +26,64 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def encode(vae, pixels: torch.Tensor, gens: Sequence[torch.Generator] | None) -> torch.Tensor:
+def encode(vae, pixels: torch.Tensor, gens: Sequence[torch.Generator] | None, *, tile: int | None = None) -> torch.Tensor:
     """Pixels in [-1, 1] (one row per generator) -> scaled latents, sampling the posterior with gens[i]
-    for row i as diffusers does; without generators the posterior mean is used."""
+    for row i as diffusers does; without generators the posterior mean is used.
+
+    With `tile` (in latent pixels) a large image is encoded in overlapping tiles whose posterior
+    parameters are blended, so the random draw is still one full-size sample per row.
+    """
     pixels = pixels.to(device=vae.device, dtype=vae.dtype)
     if gens is None:
-        latents = vae.encode(pixels).latent_dist.mode()
+        latents = _posterior(vae, pixels, tile).mode()
     else:
-        latents = torch.cat([vae.encode(pixels[i : i + 1]).latent_dist.sample(g) for i, g in enumerate(gens)])
+        latents = torch.cat([_posterior(vae, pixels[i : i + 1], tile).sample(g) for i, g in enumerate(gens)])
     return latents * vae.config.scaling_factor
+
+
+def _posterior(vae, pixels: torch.Tensor, tile: int | None):
+    f = vae_scale_factor(vae)
+    h, w = pixels.shape[-2] // f, pixels.shape[-1] // f
+    if not _needs_tiles(tile, h, w) or pixels.shape[-2] % f or pixels.shape[-1] % f:
+        return vae.encode(pixels).latent_dist
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    boxes = tiling.plan(h, w, tile, tile_overlap(tile))
+
+    def run(box: tiling.Box) -> torch.Tensor:  # the posterior's mean and log-variance for this tile
+        return vae.encode(box.scaled(f).crop(pixels)).latent_dist.parameters
+
+    return DiagonalGaussianDistribution(tiling.blend(boxes, run, (h, w), 1).to(pixels.dtype))
+
+
+def tile_overlap(tile: int) -> int:
+    """A quarter of the tile: enough context that the blended VAE tiles show no seam."""
+    return max(1, tile // 4)
+
+
+def _needs_tiles(tile: int | None, h: int, w: int) -> bool:
+    if tile is None:
+        return False
+    if not isinstance(tile, int) or isinstance(tile, bool) or tile < 2:
+        raise ValueError(f"VAE tile size must be a whole number of latent pixels, at least 2; got {tile!r}")
+    return h > tile or w > tile
 
 
 class DecodeError(RuntimeError):
     """The VAE produced NaNs even in float32."""
 
 
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+def decode(vae, latents: torch.Tensor, *, tile: int | None = None) -> torch.Tensor:
     """Scaled latents -> pixels in [-1, 1], float32 on the CPU.
+
+    With `tile` (in latent pixels) latents larger than a tile are decoded in overlapping tiles that
+    are cross-faded, so memory grows with the tile, not the image; without it the VAE sees the
+    whole image at once.
 
     fp16 VAEs overflow on some latents and return NaNs (black images); then the decode is
     retried once in float32, and if that fails too the caller gets an error, never a black image.
     """
-    pixels = _decode(vae, latents)
+    pixels = _decode(vae, latents, tile)
     if torch.isnan(pixels).any():
         if vae.dtype == torch.float32:
             raise DecodeError("the VAE produced NaN pixels; the latents are not finite")
@@ -53,7 +91,7 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
         original = vae.dtype
         vae.to(torch.float32)
         try:
-            pixels = _decode(vae, latents.float())
+            pixels = _decode(vae, latents.float(), tile)
         finally:
             vae.to(original)
         if torch.isnan(pixels).any():
@@ -61,9 +99,17 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return pixels.float().cpu()
 
 
-def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    latents = latents.to(device=vae.device, dtype=vae.dtype)
-    return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+def _decode(vae, latents: torch.Tensor, tile: int | None) -> torch.Tensor:
+    latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    h, w = latents.shape[-2:]
+    if not _needs_tiles(tile, h, w):
+        return vae.decode(latents, return_dict=False)[0]
+    boxes = tiling.plan(h, w, tile, tile_overlap(tile))
+
+    def run(box: tiling.Box) -> torch.Tensor:
+        return vae.decode(box.crop(latents), return_dict=False)[0]
+
+    return tiling.blend(boxes, run, (h, w), vae_scale_factor(vae)).to(vae.dtype)
 
 
 # Approximate linear map from SD-1.x/2.x latents to RGB, used only for live previews.

@@ -27,6 +27,19 @@ class ModelKind(str, Enum):
 _KIND_BY_CHANNELS = {4: ModelKind.BASE, 9: ModelKind.INPAINT, 7: ModelKind.UPSCALE}
 
 
+@dataclass(frozen=True)
+class ComponentDtypes:
+    """Weights dtype per component: a bfloat16 U-Net can sit next to a float32 VAE."""
+
+    text_encoder: torch.dtype
+    unet: torch.dtype
+    vae: torch.dtype
+
+    @classmethod
+    def same(cls, dtype: torch.dtype) -> "ComponentDtypes":
+        return cls(dtype, dtype, dtype)
+
+
 class ModelLoadError(ValueError):
     """A model could not be found or read; the message says what to do."""
 
@@ -41,6 +54,9 @@ class Components:
     path: Path
     name: str
     kind: ModelKind
+    # x4 upscaler only: the scheduler that noises the low-res image, and the highest noise level allowed
+    low_res_scheduler_config: dict | None = None
+    max_noise_level: int | None = None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -60,6 +76,38 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: float32, float16, bfloat16") from None
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no cheap reliable check, stay with float32
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    # torch must also dispatch AVX-512 kernels, or the bf16 instructions go unused.
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return avx512 and bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_dtypes(dtype: str | torch.dtype | None, device: torch.device, *, native_bf16: bool | None = None) -> ComponentDtypes:
+    """Per-component dtypes. None: fp16 on CUDA, fp32 elsewhere. "auto": fp16 on CUDA; on CPUs with native
+    bf16, U-Net and text encoder in bfloat16 with the VAE kept in float32 (a bf16 VAE bands colours, and the
+    VAE is a small share of the time); float32 elsewhere. A named dtype applies to every component."""
+    if dtype is None:
+        return ComponentDtypes.same(resolve_dtype(None, device))
+    if isinstance(dtype, str) and dtype.lower() == "auto":
+        if device.type == "cuda":
+            return ComponentDtypes.same(torch.float16)
+        if device.type == "cpu" and (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
+            return ComponentDtypes(torch.bfloat16, torch.bfloat16, torch.float32)
+        return ComponentDtypes.same(torch.float32)
+    return ComponentDtypes.same(resolve_dtype(dtype, device))
+
+
 def locate(model: str | os.PathLike, *, allow_download: bool = True) -> Path:
     """A local diffusers folder for `model`: the folder itself, or a hub id from the local cache
     (downloaded only when allowed and reachable)."""
@@ -67,8 +115,8 @@ def locate(model: str | os.PathLike, *, allow_download: bool = True) -> Path:
     if path.is_dir():
         return path
     text = str(model)
-    if path.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-        raise ModelLoadError(f"{text}: single-file checkpoints are not supported yet; use a diffusers folder")
+    if path.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):  # existing files went to ldm.single_file
+        raise ModelLoadError(f"checkpoint file not found: {text}")
     if text.count("/") != 1 or text.startswith((".", "/")):
         raise ModelLoadError(f"model {text!r} is neither a local folder nor a hub id like 'org/name'")
     from huggingface_hub import snapshot_download
@@ -123,7 +171,13 @@ def _weights(folder: Path) -> list[Path]:
     return files
 
 
-def load_components(model: str | os.PathLike, *, device: torch.device, dtype: torch.dtype, allow_download: bool = True) -> Components:
+def load_components(model: str | os.PathLike, *, device: torch.device, dtype: torch.dtype | ComponentDtypes,
+                    allow_download: bool = True, allow_pickle: bool = False, config: str | os.PathLike | None = None) -> Components:
+    from . import single_file
+
+    if single_file.is_single_file(model):  # one checkpoint file; `config`/`allow_pickle` apply only here
+        return single_file.load_single_file(model, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config)
+
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -134,11 +188,11 @@ def load_components(model: str | os.PathLike, *, device: torch.device, dtype: to
     for d in ("text_encoder", "unet", "vae"):
         _weights(root / d)
 
+    dtypes = dtype if isinstance(dtype, ComponentDtypes) else ComponentDtypes.same(dtype)
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    common = {"use_safetensors": True, "torch_dtype": dtype}
-    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype, use_safetensors=True)
-    unet = UNet2DConditionModel.from_pretrained(root / "unet", **common)
-    vae = AutoencoderKL.from_pretrained(root / "vae", **common)
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtypes.text_encoder, use_safetensors=True)
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True, torch_dtype=dtypes.unet)
+    vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True, torch_dtype=dtypes.vae)
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     for m in (text_encoder, unet, vae):
         m.to(device).eval().requires_grad_(False)
@@ -147,4 +201,16 @@ def load_components(model: str | os.PathLike, *, device: torch.device, dtype: to
     if channels not in _KIND_BY_CHANNELS:
         raise ModelLoadError(f"{root}: U-Net with {channels} input channels is not a known kind (4, 7 or 9)")
     name = root.name if Path(model).expanduser().is_dir() else str(model)
-    return Components(tokenizer, text_encoder, unet, vae, scheduler_config, root, name, _KIND_BY_CHANNELS[channels])
+    kind = _KIND_BY_CHANNELS[channels]
+    extras = _upscaler_extras(root) if kind == ModelKind.UPSCALE else {}
+    return Components(tokenizer, text_encoder, unet, vae, scheduler_config, root, name, kind, **extras)
+
+
+def _upscaler_extras(root: Path) -> dict:
+    """low_res_scheduler/ and model_index.json's max_noise_level of a StableDiffusionUpscalePipeline folder."""
+    config = root / "low_res_scheduler" / "scheduler_config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{root} has a 7-channel (x4 upscaler) U-Net but no low_res_scheduler/scheduler_config.json")
+    index = root / "model_index.json"
+    max_noise = json.loads(index.read_text()).get("max_noise_level", 350) if index.is_file() else 350  # diffusers' default
+    return {"low_res_scheduler_config": json.loads(config.read_text()), "max_noise_level": int(max_noise)}

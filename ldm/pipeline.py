@@ -11,7 +11,10 @@ import torch
 from PIL import Image
 
 from . import images as imgs
+from .accel import Accel
 from .denoise import DenoiseInputs, StepCallback, StepHook, denoise
+from .faults import guard_out_of_memory
+from .fastpath import FastPreset
 from .guidance import uses_cfg
 from .latents import decode, encode, generators, seeded_noise, vae_scale_factor
 from .loading import Components, ModelKind
@@ -68,20 +71,39 @@ class Pipeline:
             max_steps=int(self.scheduler_config.get("num_train_timesteps", 1000)),
         )
         self.default_size = int(self.unet.config.sample_size) * self.vae_scale_factor
+        self.accel = Accel(device=self.unet.device)  # ldm.load records the options it applied here
+        # Large images (docs/upscaling.md): tiled VAE encode/decode in every task (tile in latent pixels),
+        # the x4 upscaler's working-memory budget per tile (None: free GPU memory / a CPU default)
+        # and its largest output side.
+        self.vae_tiling = False
+        self.vae_tile_size = 64
+        self.memory_budget_mb: float | None = None
+        self.max_upscale_size = 4096
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.accel.device  # with offload the U-Net's weights sit on the CPU between uses
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        """Dtype of latents and sampler state: float32 under a bfloat16 U-Net (8-bit mantissas would
+        drift over the steps and change what a seed draws), else the U-Net's dtype as in diffusers."""
+        return torch.float32 if self.unet.dtype == torch.bfloat16 else self.unet.dtype
+
+    def warmup(self, width: int | None = None, height: int | None = None) -> None:
+        """Pay torch.compile / allocator warm-up for this size now instead of on the first request."""
+        from .accel import warmup
+
+        warmup(self, width, height)
 
     @cached_property
     def model_hash(self) -> str:
-        """First 10 hex digits of the SHA-256 of the U-Net weights (computed once)."""
+        """First 10 hex digits of the SHA-256 of the checkpoint file (A1111's short hash, computed once);
+        for a diffusers folder, of its U-Net weights."""
+        path = self.components.path
+        files = [path] if path.is_file() else sorted((path / "unet").glob("*.safetensors"))
         h = hashlib.sha256()
-        for f in sorted((self.components.path / "unet").glob("*.safetensors")):
+        for f in files:
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 24), b""):
                     h.update(block)
@@ -89,19 +111,30 @@ class Pipeline:
 
     # ---- tasks -------------------------------------------------------------------------------
 
-    def txt2img(self, prompt: str = "", *, callback: StepCallback | None = None, **settings) -> Result:
-        """Generate images from text. Settings are `GenerationParams` fields (width, steps, sampler, ...)."""
+    def txt2img(self, prompt: str = "", *, callback: StepCallback | None = None, fast: bool = False,
+                hires_scale: float | None = None, hires_strength: float = 0.5, hires_upscaler: str = "latent",
+                hires_steps: int | None = None, **settings) -> Result:
+        """Generate images from text. Settings are `GenerationParams` fields (width, steps, sampler, ...).
+        fast=True: the fast preset (ldm.fastpath), ~2x fewer U-Net FLOPs for a slightly different image.
+        hires_scale > 1: A1111's hires fix, a second pass at that scale (see `ldm.upscale.hires_fix`)."""
         self._require(ModelKind.BASE, "txt2img")
         p = self._params(prompt, settings, strength=1.0)
+        hires = None
+        if hires_scale is not None:  # validated now, before the first pass
+            from .upscale import plan_hires
+
+            hires = plan_hires(self, p, scale=hires_scale, upscaler=hires_upscaler, strength=hires_strength, steps=hires_steps)
 
         def start(scheduler, gens):
             shape = (p.batch_size, self.unet.config.in_channels, p.height // self.vae_scale_factor, p.width // self.vae_scale_factor)
             noise = seeded_noise(shape, gens, dtype=self.dtype, device=self.device)
             return Start(noise * scheduler.init_noise_sigma, scheduler.timesteps)
 
-        return self._run(p, start, callback)
+        first = self._run(p, start, callback, fast=fast)
+        return first if hires is None else hires.run(self, first, callback)
 
-    def img2img(self, image, prompt: str = "", *, strength: float = 0.75, callback: StepCallback | None = None, **settings) -> Result:
+    def img2img(self, image, prompt: str = "", *, strength: float = 0.75, callback: StepCallback | None = None,
+                fast: bool = False, **settings) -> Result:
         """Redraw an image. width/height default to the image's size rounded down to the size step."""
         self._require(ModelKind.BASE, "img2img")
         image = imgs.load_image(image)
@@ -111,12 +144,12 @@ class Pipeline:
 
         def start(scheduler, gens):
             timesteps = self._strength_slice(scheduler, p.steps, p.strength)
-            init = encode(self.vae, pixels.repeat(p.batch_size, 1, 1, 1), gens)
+            init = encode(self.vae, pixels.repeat(p.batch_size, 1, 1, 1), gens, tile=self._vae_tile())
             noise = seeded_noise(init.shape, gens, dtype=self.dtype, device=self.device)
             latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(p.batch_size))
             return Start(latents, timesteps)
 
-        return self._run(p, start, callback, extra_info={"Denoising strength": p.strength})
+        return self._run(p, start, callback, extra_info={"Denoising strength": p.strength}, fast=fast)
 
     def inpaint(self, image, mask, prompt: str = "", **kwargs) -> Result:
         """Repaint the masked (white) part of an image; see `ldm.inpaint.inpaint`."""
@@ -143,6 +176,9 @@ class Pipeline:
         return hires_fix(self, image_or_result, prompt, **kwargs)
 
     # ---- shared machinery --------------------------------------------------------------------
+
+    def _vae_tile(self) -> int | None:
+        return self.vae_tile_size if self.vae_tiling else None
 
     def _require(self, kind: ModelKind, task: str) -> None:
         if self.kind != kind:
@@ -179,7 +215,9 @@ class Pipeline:
             raise ValueError(f"strength {strength} with {steps} steps leaves no step to run; raise one of them")
         return timesteps
 
-    def _run(self, p: GenerationParams, start_fn: StartFn, callback: StepCallback | None, extra_info: dict | None = None) -> Result:
+    @guard_out_of_memory  # an OOM anywhere in a task -> ldm.OutOfMemory, with the call's memory released
+    def _run(self, p: GenerationParams, start_fn: StartFn, callback: StepCallback | None, extra_info: dict | None = None,
+             fast: bool = False) -> Result:
         p = p.with_seed()
         seeds = [p.seed + i for i in range(p.batch_size)]
         gens = generators(seeds)
@@ -197,12 +235,14 @@ class Pipeline:
                 DenoiseInputs(
                     latents=s.latents, timesteps=s.timesteps, scheduler=scheduler, cond=cond, uncond=uncond,
                     guidance_scale=p.guidance_scale, generators=gens, extra_channels=s.extra_channels,
-                    class_labels=s.class_labels, after_step=s.after_step,
+                    class_labels=s.class_labels, after_step=s.after_step, policy=FastPreset() if fast else None,
                 ),
                 callback,
             )
-            pixels = decode(self.vae, latents)
+            pixels = decode(self.vae, latents, tile=self._vae_tile())
         images = imgs.tensor_to_pil(pixels)
+        if fast:
+            extra_info = {**(extra_info or {}), "Fast": True}
         infotexts = [self.infotext(replace(p, seed=s), extra_info) for s in seeds]
         return Result(images, seeds, infotexts, p, latents)
 

@@ -68,3 +68,47 @@ def save_model(folder: Path, *, unet_model=None, scheduler: dict | None = None, 
     }
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
+
+
+# The x4 upscaler's schedulers (stabilityai/stable-diffusion-x4-upscaler): v-prediction DDIM for sampling,
+# DDPM for noising the low-res conditioning image.
+X4_SCHEDULER = {
+    "_class_name": "DDIMScheduler", "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False, "steps_offset": 1,
+    "clip_sample": False,
+}
+X4_LOW_RES_SCHEDULER = {
+    "_class_name": "DDPMScheduler", "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "clip_sample": False, "variance_type": "fixed_small",
+}
+
+
+def upscaler_unet(seed: int = 0, attention: bool = True) -> UNet2DConditionModel:
+    """7 input channels (4 latent + 3 low-res image), noise level as a class label (1000 classes, as the real model).
+    attention=False: convolutions only, so every output pixel depends on a bounded neighbourhood."""
+    blocks = {} if attention else {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
+    return unet(seed, in_channels=7, num_class_embeds=1000, class_embed_type=None, **blocks)
+
+
+def upscaler_vae(seed: int = 0, attention: bool = True) -> AutoencoderKL:
+    """Three blocks -> latents at 1/4 of the output, the x4 upscaler's VAE shape and scaling factor."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[32, 32, 64], in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+        latent_channels=4, norm_num_groups=32, scaling_factor=0.08333, mid_block_add_attention=attention,
+    ).eval()
+
+
+def save_upscaler(folder: Path, *, max_noise_level: int = 350, seed: int = 0, attention: bool = True) -> Path:
+    """A diffusers StableDiffusionUpscalePipeline folder: save_model plus low_res_scheduler/ and max_noise_level."""
+    save_model(folder, unet_model=upscaler_unet(seed, attention), vae_model=upscaler_vae(seed, attention), scheduler=X4_SCHEDULER,
+               pipeline_class="StableDiffusionUpscalePipeline")
+    (folder / "low_res_scheduler").mkdir(exist_ok=True)
+    (folder / "low_res_scheduler" / "scheduler_config.json").write_text(json.dumps(X4_LOW_RES_SCHEDULER))
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(low_res_scheduler=["diffusers", "DDPMScheduler"], watermarker=[None, None], max_noise_level=max_noise_level)
+    for key in ("safety_checker", "feature_extractor", "requires_safety_checker"):
+        index.pop(key)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder

@@ -1,0 +1,234 @@
+"""Single-file checkpoints -> Components, fully offline.
+
+Model sites share Stable Diffusion as one file in the original (CompVis/LDM) key layout:
+`model.diffusion_model.*` (U-Net), `first_stage_model.*` (VAE), `cond_stage_model.*` (text encoder).
+The file holds weights only; the architecture comes from a diffusers config folder: the bundled
+`ldm/configs/sd15` by default, or the caller's `config=` folder. diffusers converts the keys
+(`from_single_file` with a local config and `local_files_only=True`, so the hub is never asked).
+
+Safety: the file is read here, by content, before diffusers sees it. safetensors files are checked
+for truncation first; pickles (.ckpt/.pt/.bin) can run code while loading, so they are refused unless
+the caller opts in, and even then only tensors are unpickled (`torch.load(weights_only=True)`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .loading import ComponentDtypes, Components, ModelKind, ModelLoadError, check_safetensors
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+SD15_CONFIG = Path(__file__).resolve().parent / "configs" / "sd15"
+# The CLIP tokenizer ships once, in the repo's weights/ folder; config folders reference it instead of copying it.
+DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "weights" / "clip-tokenizer"
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: OpenAI CLIP ViT-L/14 text model
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14
+SDXL_PREFIX = "conditioner."
+CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
+V_PRED_MARKER = "v_pred"  # empty tensor some trainers add to mark v-prediction checkpoints
+
+SUPPORTED = ("supported single-file checkpoints: Stable Diffusion 1.x (base or 9-channel inpainting, "
+             "epsilon or marked v-prediction) as .safetensors, or as a pickle with allow_pickle=True")
+
+
+def is_single_file(model: str | os.PathLike) -> bool:
+    """True for an existing file, or a missing path that is named like a checkpoint file."""
+    path = Path(model).expanduser()
+    return path.is_file() or (not path.is_dir() and path.suffix.lower() in SINGLE_FILE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the keys and shapes of an original-layout checkpoint say about the model."""
+
+    family: str  # "sd1" (CLIP text encoder) or "sd2" (OpenCLIP)
+    in_channels: int  # 4 base, 9 inpainting
+    v_prediction: bool
+
+
+# ---- reading the file ---------------------------------------------------------------------------
+
+
+def _head(file: Path) -> bytes:
+    with open(file, "rb") as f:
+        return f.read(2)
+
+
+def _looks_like_pickle(file: Path) -> bool:
+    """torch.save writes a zip ("PK"); plain pickles start with the PROTO opcode 0x80."""
+    head = _head(file)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
+def read_state_dict(file: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a single-file checkpoint. The format is decided by content, not by name."""
+    if not file.is_file():
+        raise ModelLoadError(f"{file}: no such file")
+    if file.suffix.lower() != ".safetensors" and _looks_like_pickle(file):
+        return _read_pickle(file, allow_pickle=allow_pickle)
+    check_safetensors(file)  # refuses pickles named .safetensors and truncated files before parsing
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)  # memory-mapped: tensors are read as they are used
+    except Exception as exc:  # header passed the checks but the tensors do not parse
+        raise ModelLoadError(f"corrupt or incomplete file: {file} ({exc})") from None
+
+
+def _read_pickle(file: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if not allow_pickle:
+        raise ModelLoadError(
+            f"{file} is a pickle checkpoint; loading a pickle can run arbitrary code, so it is refused. "
+            "Use a .safetensors version of the model, or, if you trust the file, pass allow_pickle=True "
+            "(only tensors are then unpickled)."
+        )
+    try:
+        # weights_only: the restricted unpickler rebuilds tensors and containers and rejects any other object.
+        data = torch.load(file, map_location="cpu", weights_only=True, mmap=_head(file) == b"PK")  # mmap needs the zip format
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"{file} contains objects other than tensors, which could run code; refused even with allow_pickle "
+            f"({first}). Convert it to .safetensors in a sandbox you can throw away."
+        ) from None
+    except Exception as exc:
+        raise ModelLoadError(f"corrupt or incomplete file: {file} ({type(exc).__name__}: {exc})") from None
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):  # Lightning-style nesting
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{file} does not hold a state dict (found {type(data).__name__})")
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+# ---- what is in it ------------------------------------------------------------------------------
+
+
+def detect(state_dict: dict[str, torch.Tensor], file: Path) -> Layout:
+    """Read the model family from keys and shapes; refuse what this library cannot run."""
+    keys = state_dict.keys()
+    if any(k.startswith(SDXL_PREFIX) for k in keys):
+        raise ModelLoadError(f"{file} is an SDXL checkpoint, which this library does not run; {SUPPORTED}")
+    if CONV_IN not in state_dict:
+        raise ModelLoadError(
+            f"{file} is not a full Stable Diffusion checkpoint (no U-Net under '{UNET_PREFIX}'); LoRAs, VAEs and "
+            f"embeddings are not models on their own. {SUPPORTED}"
+        )
+    if not any(k.startswith(VAE_PREFIX) for k in keys):
+        raise ModelLoadError(f"{file} has no VAE ('{VAE_PREFIX}*'); a full checkpoint is needed. {SUPPORTED}")
+    if any(k.startswith(CLIP_PREFIX) for k in keys):
+        family = "sd1"
+    elif any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
+        family = "sd2"
+    else:
+        raise ModelLoadError(f"{file} has no text encoder ('cond_stage_model.*'); a full checkpoint is needed. {SUPPORTED}")
+    in_channels = int(state_dict[CONV_IN].shape[1])
+    if in_channels not in (4, 9):
+        raise ModelLoadError(
+            f"{file}: a U-Net with {in_channels} input channels (x4 upscaler, instruct-pix2pix, ...) is not supported "
+            f"as a single file; use its diffusers folder. {SUPPORTED}"
+        )
+    return Layout(family, in_channels, V_PRED_MARKER in state_dict)
+
+
+def _config_folder(layout: Layout, config: str | os.PathLike | None, file: Path) -> Path:
+    if config is not None:
+        folder = Path(config).expanduser()
+        missing = [p for p in ("unet/config.json", "vae/config.json", "text_encoder/config.json",
+                               "scheduler/scheduler_config.json") if not (folder / p).is_file()]
+        if missing:
+            raise ModelLoadError(f"config folder {folder} lacks {', '.join(missing)} (a diffusers model folder layout is expected)")
+        return folder
+    if layout.family == "sd2":
+        # SD 2.x comes as 512px epsilon and 768px v-prediction models with identical keys: guessing wrong gives noise.
+        raise ModelLoadError(
+            f"{file} is a Stable Diffusion 2.x checkpoint; its prediction type cannot be read from the weights, so it "
+            f"is not loaded with a guessed config. Use its diffusers folder, or pass config=<a diffusers folder of the "
+            f"same model> ({SUPPORTED})"
+        )
+    return SD15_CONFIG
+
+
+def _tokenizer_folder(config: Path) -> Path:
+    folder = config / "tokenizer" if (config / "tokenizer").is_dir() else DEFAULT_TOKENIZER
+    if not (folder / "vocab.json").is_file():
+        raise ModelLoadError(f"CLIP tokenizer not found at {folder} (expected vocab.json and merges.txt)")
+    return folder
+
+
+# ---- building the components --------------------------------------------------------------------
+
+
+def load_single_file(file: str | os.PathLike, *, device: torch.device, dtype: torch.dtype | ComponentDtypes,
+                     allow_pickle: bool = False, config: str | os.PathLike | None = None) -> Components:
+    """Components from one checkpoint file; `config` overrides the bundled SD 1.5 config folder."""
+    file = Path(file).expanduser()
+    state_dict = read_state_dict(file, allow_pickle=allow_pickle)
+    layout = detect(state_dict, file)
+    folder = _config_folder(layout, config, file)
+    dtypes = dtype if isinstance(dtype, ComponentDtypes) else ComponentDtypes.same(dtype)
+
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(_tokenizer_folder(folder))
+    text_encoder, unet, vae = _build_models(state_dict, folder, layout, dtypes, file)
+    del state_dict  # the converted copies live in the models now
+
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    if layout.v_prediction:
+        scheduler_config["prediction_type"] = "v_prediction"
+    for m in (text_encoder, unet, vae):
+        m.to(device).eval().requires_grad_(False)
+    kind = ModelKind.INPAINT if layout.in_channels == 9 else ModelKind.BASE
+    log.info("loaded %s (%s, %s, %d-channel U-Net) with configs from %s", file.name, layout.family,
+             scheduler_config.get("prediction_type", "epsilon"), layout.in_channels, folder)
+    return Components(tokenizer, text_encoder, unet, vae, scheduler_config, file, file.stem, kind)
+
+
+def _build_models(state_dict: dict, folder: Path, layout: Layout, dtypes: ComponentDtypes, file: Path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel
+
+    offline = {"config": str(folder), "local_files_only": True}
+    steps = {
+        "text encoder": lambda: create_diffusers_clip_model_from_ldm(
+            CLIPTextModel, state_dict, subfolder="text_encoder", torch_dtype=dtypes.text_encoder, **offline),
+        # in_channels comes from the weights, so one config folder serves base and inpainting checkpoints.
+        "U-Net": lambda: UNet2DConditionModel.from_single_file(
+            state_dict, subfolder="unet", torch_dtype=dtypes.unet, in_channels=layout.in_channels, **offline),
+        "VAE": lambda: AutoencoderKL.from_single_file(state_dict, subfolder="vae", torch_dtype=dtypes.vae, **offline),
+    }
+    models = []
+    for name, build in steps.items():
+        try:
+            model = build()
+        except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # shape mismatches, missing keys
+            raise ModelLoadError(
+                f"{file}: the {name} weights do not fit the config in {folder} ({type(exc).__name__}: "
+                f"{str(exc)[:300]}). {SUPPORTED}; for other architectures pass config=<matching diffusers folder>"
+            ) from None
+        _require_complete(model, name, file, folder)
+        models.append(model)
+    return models
+
+
+def _require_complete(model: torch.nn.Module, name: str, file: Path, folder: Path) -> None:
+    """diffusers leaves weights missing from the checkpoint on the meta device instead of failing."""
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if missing:
+        raise ModelLoadError(
+            f"{file}: the {name} weights are incomplete for the config in {folder} ({len(missing)} tensors missing, "
+            f"e.g. {missing[0]}). {SUPPORTED}"
+        )
