@@ -32,4 +32,9 @@ def vpred_model(tmp_path_factory) -> Path:
 def base_pipe(base_model):
     import ldm
 
-    return ldm.load(base_model, device="cpu")
+    return ldm.load(base_model, device="cpu", dtype="float32")  # parity with diffusers needs fp32; the CPU default may be bf16
+
+
+def pytest_configure(config):
+    # Browser tests (tests/test_browser.py) start headless Chromium; deselect with -m "not browser".
+    config.addinivalue_line("markers", "browser: drives the web UI in headless Chromium via Playwright")
