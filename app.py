@@ -1,0 +1,135 @@
+"""Web UI: `python app.py` -> http://127.0.0.1:7860
+
+Flags parse first (fast `--help`), then the pipelines load once, the UI is built and launched.
+Every flag also reads a default from an environment variable LDM_<FLAG> (LDM_MODEL, LDM_AUTH,
+LDM_HOST, ...), which is how the Docker image is configured.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = ROOT / "weights" / "demo"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+log = logging.getLogger("app")
+
+
+def env(name: str, default=None):
+    return os.environ.get(f"LDM_{name}", default)
+
+
+def env_flag(name: str) -> bool:
+    return env(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Text-to-image web UI (ldm + Gradio).")
+    p.add_argument("--model", default=env("MODEL", str(DEFAULT_MODEL)), help="diffusers folder or hub id of the base model (default: weights/demo)")
+    p.add_argument("--inpaint-model", default=env("INPAINT_MODEL"), help="optional 9-channel inpainting model")
+    p.add_argument("--upscale-model", default=env("UPSCALE_MODEL"), help="optional x4 upscaler model")
+    p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(env("PORT", 7860)))
+    p.add_argument("--device", default=env("DEVICE"), help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default=env("DTYPE"), help="float32, float16, bfloat16 (default: fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--attention", choices=("auto", "sdpa", "xformers"), default=env("ATTENTION", "auto"),
+                   help="GPU attention kernel; sdpa is the default today, xformers needs the optional package")
+    p.add_argument("--offload", choices=("none", "model", "sequential"), default=env("OFFLOAD", "none"),
+                   help="GPU only: move idle parts to the CPU to save VRAM")
+    p.add_argument("--vae-tiling", action="store_true", default=env_flag("VAE_TILING"), help="decode large images in tiles")
+    p.add_argument("--auth", default=env("AUTH"), help="user:pass (several: comma-separated)")
+    p.add_argument("--auth-file", default=env("AUTH_FILE"), help="file with one user:pass per line")
+    p.add_argument("--outputs", default=env("OUTPUTS", "outputs"), help="folder for saved images (default outputs/)")
+    p.add_argument("--no-save", action="store_true", default=env_flag("NO_SAVE"), help="do not save images")
+    p.add_argument("--max-size", type=int, default=int(env("MAX_SIZE", 2048)), help="largest width/height in pixels")
+    p.add_argument("--max-upload-mb", type=float, default=float(env("MAX_UPLOAD_MB", 20)), help="largest upload")
+    p.add_argument("--queue-size", type=int, default=int(env("QUEUE_SIZE", 16)), help="waiting requests before refusing")
+    p.add_argument("--share", action="store_true", default=env_flag("SHARE"), help="public gradio.live link (off)")
+    return p.parse_args(argv)
+
+
+def read_auth(auth: str | None, auth_file: str | None) -> list[tuple[str, str]]:
+    """user:pass pairs from --auth (comma-separated) and --auth-file (one a line, # comments)."""
+    entries: list[str] = []
+    if auth:
+        entries += auth.split(",")
+    if auth_file:
+        entries += Path(auth_file).read_text(encoding="utf-8").splitlines()
+    pairs = []
+    for entry in (e.strip() for e in entries):
+        if not entry or entry.startswith("#"):
+            continue
+        user, sep, password = entry.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit(f"error: auth entries must look like user:password, got {user!r}:…")
+        pairs.append((user, password))
+    return pairs
+
+
+def warn_if_open(host: str, auth: list, share: bool) -> None:
+    if (host not in LOOPBACK or share) and not auth:
+        bar = "!" * 78
+        print(f"\n{bar}\n!! WARNING: listening on {host}{' with a public share link' if share else ''} WITHOUT --auth.\n"
+              f"!! Anyone who can reach this address can use the app and your GPU. Set --auth user:pass\n"
+              f"!! (or LDM_AUTH) unless something in front of it handles access.\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def load_pipelines(args: argparse.Namespace):
+    import ldm
+    from ui.handlers import Pipes
+
+    def load(model: str | None):
+        if not model:
+            return None
+        kwargs = {"device": args.device, "dtype": args.dtype, "max_size": args.max_size}
+        # GPU options go to ldm.load when this build takes them; otherwise they are reported, not faked.
+        accepted = inspect.signature(ldm.load).parameters
+        for name, value, off in (("attention", args.attention, "auto"), ("offload", args.offload, "none")):
+            if name in accepted:
+                kwargs[name] = value
+            elif value != off:
+                log.warning("--%s %s: not supported by this ldm build; ignored", name, value)
+        print(f"loading {model} ...", flush=True)
+        pipe = ldm.load(model, **kwargs)
+        if args.vae_tiling:
+            if hasattr(pipe, "vae_tiling"):
+                pipe.vae_tiling = True
+            else:
+                log.warning("--vae-tiling: not supported by this ldm build; ignored")
+        return pipe
+
+    if Path(args.model) == DEFAULT_MODEL and not DEFAULT_MODEL.exists():
+        raise SystemExit(f"error: the demo model {DEFAULT_MODEL} is not there yet; pass --model")
+    try:
+        return Pipes(load(args.model), load(args.inpaint_model), load(args.upscale_model))
+    except ValueError as exc:  # ModelLoadError and bad option combinations: a message, not a traceback
+        raise SystemExit(f"error: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    auth = read_auth(args.auth, args.auth_file)
+    warn_if_open(args.host, auth, args.share)
+    pipes = load_pipelines(args)
+
+    from ui.handlers import Options
+    from ui.layout import build
+
+    outputs = None if args.no_save else Path(args.outputs).resolve()
+    options = Options(outputs=outputs, max_upload_mb=args.max_upload_mb, queue_size=args.queue_size)
+    demo = build(pipes, options)
+    demo.launch(
+        server_name=args.host, server_port=args.port, share=args.share, auth=auth or None,
+        max_file_size=int(args.max_upload_mb * 1024 * 1024), allowed_paths=[str(outputs)] if outputs else None,
+        footer_links=["api", "settings"], show_error=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

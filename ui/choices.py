@@ -1,0 +1,36 @@
+"""Dropdown choices and defaults shared by the layout and the handlers (no widgets here)."""
+from __future__ import annotations
+
+from ldm import samplers
+from ldm.masks import InpaintArea, MaskedContent
+
+# (label shown, value passed to ldm): radios show friendly labels, the API takes ldm's values.
+INPAINT_AREAS: list[tuple[str, str]] = [("Whole picture", InpaintArea.WHOLE.value), ("Only masked", InpaintArea.MASKED.value)]
+MASKED_CONTENT: list[tuple[str, str]] = [
+    ("Original", MaskedContent.ORIGINAL.value),
+    ("Fill", MaskedContent.FILL.value),
+    ("Latent noise", MaskedContent.LATENT_NOISE.value),
+    ("Latent nothing", MaskedContent.LATENT_NOTHING.value),
+]
+
+UPSCALE_X4 = "x4 model"
+UPSCALE_HIRES = "hires fix"
+RESIZE_METHODS = ("lanczos", "bicubic", "nearest")  # plain resizes by ldm.upscale_image
+UPSCALE_METHODS: list[str] = [UPSCALE_X4, UPSCALE_HIRES, *RESIZE_METHODS]
+HIRES_UPSCALERS = ("latent", "lanczos")
+
+
+def samplers_list() -> list[str]:
+    return samplers.sampler_names()
+
+
+def schedules_for(sampler: str) -> list[str]:
+    """Schedule types the sampler supports; all of them for a name ldm does not know (it reports that itself)."""
+    try:
+        return samplers.schedule_names(sampler)
+    except (KeyError, ValueError):
+        return samplers.schedule_names()
+
+
+def upscale_methods(has_x4_model: bool) -> list[str]:
+    return UPSCALE_METHODS if has_x4_model else [m for m in UPSCALE_METHODS if m != UPSCALE_X4]
