@@ -51,7 +51,9 @@ StartFn = Callable[[object, list[torch.Generator]], Start]
 
 
 class Pipeline:
-    """A loaded model and the tasks it can run. Stateless between calls: safe to share across requests."""
+    """A loaded model and the tasks it can run. Keeps no per-request state (each call builds its own
+    scheduler and generators), but run one call at a time per pipeline: the fp16 VAE NaN retry
+    briefly upcasts the shared VAE. Different pipelines may run concurrently."""
 
     def __init__(self, components: Components, *, max_size: int = 2048, max_batch: int = 16):
         self.components = components
