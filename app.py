@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-size", type=int, default=int(env("MAX_SIZE", 2048)), help="largest width/height in pixels")
     p.add_argument("--max-upload-mb", type=float, default=float(env("MAX_UPLOAD_MB", 20)), help="largest upload")
     p.add_argument("--queue-size", type=int, default=int(env("QUEUE_SIZE", 16)), help="waiting requests before refusing")
+    p.add_argument("--cache-max-age", type=float, default=float(env("CACHE_MAX_AGE", 3600)),
+                   help="seconds to keep uploads and temporary results (default 3600; 0 = until exit)")
     p.add_argument("--share", action="store_true", default=env_flag("SHARE"), help="public gradio.live link (off)")
     return p.parse_args(argv)
 
@@ -114,20 +116,27 @@ def load_pipelines(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ui.security import private_temp_dir, start_sweeper
+
+    # Before gradio is imported: uploads and cached results go to a folder of this app's own.
+    temp_dir = private_temp_dir()
+    os.environ["GRADIO_TEMP_DIR"] = str(temp_dir)
     auth = read_auth(args.auth, args.auth_file)
     warn_if_open(args.host, auth, args.share)
     pipes = load_pipelines(args)
 
     from ui.handlers import Options
     from ui.layout import build
+    from ui.security import launch_kwargs
 
     outputs = None if args.no_save else Path(args.outputs).resolve()
-    options = Options(outputs=outputs, max_upload_mb=args.max_upload_mb, queue_size=args.queue_size)
+    options = Options(outputs=outputs, max_upload_mb=args.max_upload_mb, queue_size=args.queue_size,
+                      cache_max_age=args.cache_max_age)
     demo = build(pipes, options)
+    start_sweeper(temp_dir, args.cache_max_age)
     demo.launch(
-        server_name=args.host, server_port=args.port, share=args.share, auth=auth or None,
-        max_file_size=int(args.max_upload_mb * 1024 * 1024), allowed_paths=[str(outputs)] if outputs else None,
-        footer_links=["api", "settings"], show_error=False,
+        server_name=args.host, server_port=args.port, share=args.share, footer_links=["api", "settings"],
+        **launch_kwargs(auth=auth, max_upload_mb=args.max_upload_mb, outputs=outputs, auth_file=args.auth_file),
     )
 
 

@@ -199,4 +199,6 @@ def _apply_weights(z: torch.Tensor, weights: list[float]) -> torch.Tensor:
     w[1 : 1 + len(weights)] = torch.tensor(weights, dtype=z.dtype)
     before = z.mean()
     z = z * w[None, :, None]
-    return z * (before / z.mean())
+    after = z.mean()
+    # A1111 divides unconditionally; a chunk whose mean is ~0 would turn into inf/NaN, so skip it there.
+    return z * (before / after) if after.abs() > 1e-6 * z.abs().mean() else z

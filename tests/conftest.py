@@ -38,3 +38,52 @@ def base_pipe(base_model):
 def pytest_configure(config):
     # Browser tests (tests/test_browser.py) start headless Chromium; deselect with -m "not browser".
     config.addinivalue_line("markers", "browser: drives the web UI in headless Chromium via Playwright")
+    config.addinivalue_line("markers", "slow: load test, minutes (CI runs it as a separate step: -m slow)")
+
+
+# ---- web server tests (tests/test_web_*.py, tests/test_load.py) ----------------------------------
+
+
+class WebApp:
+    """A real app on loopback, launched with app.py's security settings (ui.security.launch_kwargs)."""
+
+    def __init__(self, demo, port: int, outputs, auth):
+        self.demo, self.port, self.outputs, self.auth = demo, port, outputs, auth
+        self.url = f"http://127.0.0.1:{port}/"
+        self.ctx = demo.ldm_context
+
+    def client(self, **kwargs):
+        from gradio_client import Client
+
+        return Client(self.url, auth=self.auth[0] if self.auth else None, verbose=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def launch_web_app(tmp_path_factory):
+    """launch_web_app(pipes, auth=[("u", "p")], **Options fields) -> WebApp; all closed after the module."""
+    import socket
+
+    from ui import build
+    from ui.handlers import Options
+    from ui.security import launch_kwargs
+
+    apps = []
+
+    def launch(pipes, *, auth=None, outputs="default", **options) -> WebApp:
+        if outputs == "default":
+            outputs = tmp_path_factory.mktemp("web-outputs")
+        opts = Options(outputs=outputs, **options)
+        demo = build(pipes, opts)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                    **launch_kwargs(auth=auth, max_upload_mb=opts.max_upload_mb, outputs=outputs))
+        app = WebApp(demo, port, outputs, auth)
+        apps.append(app)
+        return app
+
+    yield launch
+    for app in apps:
+        app.demo.close()
+

@@ -89,3 +89,11 @@ def test_weighting_restores_mean(base_pipe):
     weighted, _ = base_pipe.prompts.encode_pair("a (red:1.5) ball", "", need_negative=False)
     assert torch.allclose(plain.mean(), weighted.mean(), atol=1e-6)
     assert not torch.allclose(plain, weighted)
+
+
+def test_weighting_a_zero_mean_chunk_stays_finite():
+    from ldm.prompts import _apply_weights
+
+    z = torch.tensor([[[1.0, -1.0], [2.0, -2.0], [3.0, -3.0]]])  # mean exactly 0
+    out = _apply_weights(z, [1.5])
+    assert torch.isfinite(out).all() and torch.equal(out[0, 1], torch.tensor([3.0, -3.0]))

@@ -59,6 +59,9 @@ class Options:
     # A run nobody has read progress from for this long is abandoned (a cancel that Gradio could not
     # deliver, e.g. one arriving as the run starts) and stops at its next step.
     abandon_after: float = 30.0
+    # Uploads, Gradio's cached results and temp PNGs older than this many seconds are deleted
+    # (checked every half of it, at most every 10 min); 0 keeps them until the server stops.
+    cache_max_age: float = 3600.0
 
     @property
     def max_upload_bytes(self) -> int:
@@ -107,11 +110,13 @@ class Saver:
     so the user always gets a PNG that carries its parameters.
     """
 
-    def __init__(self, folder: Path | None) -> None:
+    def __init__(self, folder: Path | None, temp_max_age: float = 0) -> None:
         self.folder = Path(folder) if folder is not None else None
         self._temp = Path(tempfile.mkdtemp(prefix="ldm-ui-"))
         self._lock = threading.Lock()
         self._next: dict[Path, int] = {}
+        self.temp_max_age = temp_max_age  # temp PNGs older than this are deleted (0 = kept)
+        self._pruned = time.monotonic()
 
     def save(self, image: Image.Image, infotext: str | None, *, seed: int | None, prompt: str, task: str) -> tuple[str | Image.Image, str | None]:
         """-> (file path or, if even the temp write failed, the image itself; warning or None)."""
@@ -121,10 +126,24 @@ class Saver:
                 return str(self._write(self.folder / task, image, infotext, seed, prompt)), None
             except OSError as exc:
                 warning = f"could not save to {self.folder / task}: {exc.strerror or exc}; the image is only in this page"
+        self._prune_temp()
         try:
             return str(self._write(self._temp, image, infotext, seed, prompt)), warning
         except OSError as exc:
             return image, warning or f"could not write a temporary PNG: {exc}"
+
+    def _prune_temp(self) -> None:
+        """--no-save and unwritable outputs put every image in the temp folder: keep it bounded."""
+        if not self.temp_max_age or time.monotonic() - self._pruned < min(self.temp_max_age / 2, 600):
+            return
+        self._pruned = time.monotonic()
+        cutoff = time.time() - self.temp_max_age
+        for path in self._temp.glob("*.png"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except OSError:
+                pass
 
     def _write(self, folder: Path, image: Image.Image, infotext: str | None, seed: int | None, prompt: str) -> Path:
         with self._lock:
@@ -155,7 +174,7 @@ class Context:
 
     def __post_init__(self) -> None:
         if self.saver is None:
-            self.saver = Saver(self.options.outputs)
+            self.saver = Saver(self.options.outputs, temp_max_age=self.options.cache_max_age)
 
 
 # ---- file names -----------------------------------------------------------------------------
@@ -563,13 +582,24 @@ def _infotext_of(ctx: Context, source: Any) -> str | None:
         return None
 
 
+MAX_INFOTEXT_CHARS = 64 * 1024  # PNG info shows at most this much of a `parameters` chunk
+
+
 def png_info(ctx: Context, image: Any = None) -> str:
     """The A1111 parameters text of an image, or a sentence saying there are none ("" for no image:
-    the UI calls this when the picture is cleared)."""
+    the UI calls this when the picture is cleared). Longer texts are cut at MAX_INFOTEXT_CHARS."""
     if image is None or image == "":
         return ""
     text = metadata.read_infotext(load_upload(ctx, image, mode=None))
-    return text if text else "No generation parameters found in this image."
+    if not text:
+        return "No generation parameters found in this image."
+    return truncate(text, MAX_INFOTEXT_CHARS)
+
+
+def truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[… truncated: showing the first {limit:,} of {len(text):,} characters]"
 
 
 def infotext_fields(infotext: str) -> dict[str, Any]:

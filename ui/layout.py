@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import html
 import inspect
+import io
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
+from PIL import Image, UnidentifiedImageError
 
 import ldm
 from ldm import samplers
+from ldm.images import DEFAULT_MAX_PIXELS
 
 from . import choices
 from . import handlers as h
@@ -356,7 +360,62 @@ def png_info_tab(ctx: h.Context) -> Tab:
 
 
 def _inputs(fields: dict[str, Any], handler: Callable) -> list:
-    return [fields[p.name] for p in _public_params(handler)]
+    return [readable_errors(fields[p.name], p.name) for p in _public_params(handler)]
+
+
+def readable_errors(component, name: str):
+    """Gradio checks API inputs before our handler runs. Its messages quote the raw value inside
+    gr.Error, which renders HTML (a Radio given "<img onerror=...>"), and anything else it raises
+    (a file that is not an image, a decompression bomb, text for a number) reaches the caller as a
+    generic "the app raised an exception". Both become an escaped message naming the field."""
+    if getattr(component, "_readable_errors", False):
+        return component
+    check = component.preprocess
+    what = component.label or name
+
+    def preprocess(payload):
+        try:
+            return check(payload)
+        except gr.Error as exc:
+            raise gr.Error(html.escape(str(exc.message))) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise gr.Error(html.escape(f"{what}: the image is too large to open ({exc})")) from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            name = getattr(payload, "orig_name", None) or "the file"
+            raise gr.Error(html.escape(f"{what}: {name} is not a readable image ({type(exc).__name__})")) from None
+        except (TypeError, ValueError) as exc:
+            raise gr.Error(html.escape(f"{what}: {type(payload).__name__} is not a valid value here")) from None
+
+    component.preprocess = preprocess
+    component._readable_errors = True
+    return component
+
+
+def limit_editor_pixels(editor: gr.ImageEditor, max_pixels: int = DEFAULT_MAX_PIXELS) -> gr.ImageEditor:
+    """The inpaint editor (type="pil", RGBA) makes Gradio decode and convert every uploaded layer
+    before our handler sees it; a small PNG declaring 9000x9000 pixels would cost ~300 MB per
+    request, and these UI steps run unqueued. Check each image's header first, as ldm.images does."""
+    convert = editor.convert_and_format_image
+
+    def checked(file, *args, **kwargs):
+        if file is not None:
+            source = io.BytesIO(file) if isinstance(file, (bytes, bytearray, memoryview)) else getattr(file, "path", None)
+            if source is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    try:
+                        with Image.open(source) as im:  # reads the header only
+                            width, height = im.size
+                    except Image.DecompressionBombError as exc:
+                        raise gr.Error(html.escape(f"the image is too large to open ({exc})")) from None
+                    except (UnidentifiedImageError, OSError, SyntaxError):
+                        raise gr.Error("the upload is not a readable image") from None
+                if width * height > max_pixels:
+                    raise gr.Error(f"the image is {width}x{height} pixels; the limit is {max_pixels:,} pixels")
+        return convert(file, *args, **kwargs)
+
+    editor.convert_and_format_image = checked
+    return editor
 
 
 def wire_generation(ctx: h.Context, tab: Tab, handler: Callable, api_name: str, trigger=None):
@@ -421,10 +480,17 @@ def _sender(target: str, keys: list[str]) -> Callable:
     return send
 
 
+def cache_policy(max_age: float) -> tuple[int, int] | None:
+    """Gradio's delete_cache=(every, older_than): uploads and cached results of this app."""
+    if not max_age or max_age <= 0:
+        return None
+    return max(1, int(min(max_age / 2, 600))), max(1, int(max_age))
+
+
 def build(pipes: h.Pipes, options: h.Options | None = None) -> gr.Blocks:
     """The whole UI for already-loaded pipelines; call `.launch()` on the result."""
     ctx = h.Context(pipes, options or h.Options())
-    with gr.Blocks(title="ldm — text to image") as demo:
+    with gr.Blocks(title="ldm — text to image", delete_cache=cache_policy(ctx.options.cache_max_age)) as demo:
         gr.Markdown(f"### ldm · model `{html.escape(str(pipes.base.name))}`"
                     + (f" · inpaint `{html.escape(str(pipes.inpaint.name))}`" if pipes.inpaint else "")
                     + (f" · upscale `{html.escape(str(pipes.upscale.name))}`" if pipes.upscale else ""))
@@ -456,6 +522,7 @@ def build(pipes: h.Pipes, options: h.Options | None = None) -> gr.Blocks:
 
 def _wire_inpaint(ctx: h.Context, tab: Tab) -> None:
     f = tab.fields
+    limit_editor_pixels(f["_editor"])
 
     # UI-only steps turn the editor into the files /inpaint and /outpaint take, then call them.
     convert = tab.go.click(ui_only(h.editor_to_image_and_mask), [f["_editor"], f["_mask_upload"]],
@@ -469,7 +536,8 @@ def _wire_inpaint(ctx: h.Context, tab: Tab) -> None:
 
 def _wire_png_info(ctx: h.Context, tab: Tab, t2i: Tab, tabs_block: gr.Tabs) -> None:
     f = tab.fields
-    f["image"].change(plain(ctx, h.png_info), [f["image"]], [f["_text"]], api_name="png_info", concurrency_limit=None)
+    f["image"].change(plain(ctx, h.png_info), [readable_errors(f["image"], "image")], [f["_text"]], api_name="png_info",
+                      concurrency_limit=None)
     targets = [k for k in ("prompt", "negative_prompt", "sampler", "schedule", "steps", "guidance_scale", "seed",
                            "width", "height", "clip_skip") if k in t2i.fields]
 
