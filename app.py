@@ -36,9 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=int(env("PORT", 7860)))
     p.add_argument("--device", default=env("DEVICE"), help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default=env("DTYPE"), help="float32, float16, bfloat16 (default: fp16 on cuda, fp32 on cpu)")
-    p.add_argument("--attention", choices=("auto", "sdpa", "xformers"), default=env("ATTENTION", "auto"),
-                   help="GPU attention kernel; sdpa is the default today, xformers needs the optional package")
+    p.add_argument("--dtype", default=env("DTYPE"), help="auto, float32, float16, bfloat16 (default auto: fp16 on cuda; bf16 U-Net + fp32 VAE on CPUs with native bf16; else fp32)")
+    p.add_argument("--attention", choices=("auto", "sdpa", "xformers", "chunked"), default=env("ATTENTION", "auto"),
+                   help="attention kernel: auto = xformers on CUDA when it works, chunked for a bf16 U-Net on CPU, else sdpa")
     p.add_argument("--offload", choices=("none", "model", "sequential"), default=env("OFFLOAD", "none"),
                    help="GPU only: move idle parts to the CPU to save VRAM")
     p.add_argument("--vae-tiling", action="store_true", default=env_flag("VAE_TILING"), help="decode large images in tiles")

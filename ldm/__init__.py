@@ -24,7 +24,8 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, max_size: int = 2
          allow_download: bool = True, attention: str = "auto", compile: bool = False, offload: str = "none",
          channels_last: bool | None = None, allow_pickle: bool = False, config: str | os.PathLike | None = None) -> Pipeline:
     """Load a diffusers folder or hub id. device=None: cuda if available, else cpu.
-    dtype=None or "auto": fp16 on cuda; on CPUs with native bf16, bf16 U-Net/text encoder + fp32 VAE; else fp32.
+    dtype=None or "auto": fp16 on cuda; on CPUs with native bf16, bf16 U-Net/text encoder + fp32 VAE (~2x
+    faster on CPU, see docs/performance.md); else fp32. "float32" everywhere is what the parity tests use.
     attention "auto"|"sdpa"|"xformers", compile, offload "none"|"model"|"sequential", channels_last: see ldm.accel.
     A single .safetensors checkpoint (original SD layout) loads offline with the bundled SD 1.5 configs, or with
     `config=` (a diffusers folder supplying the architecture); pickles (.ckpt/.pt/.bin) are refused unless

@@ -27,8 +27,8 @@ class FastPreset:
     """`cache_interval`: full U-Net every k-th step (1 = never reuse). `cfg_until`: share of the
     steps, from the start, that keep classifier-free guidance (1.0 = all)."""
 
-    cache_interval: int = 3
-    cfg_until: float = 0.7
+    cache_interval: int = 2
+    cfg_until: float = 0.5
 
     def __post_init__(self) -> None:
         if self.cache_interval < 1:

@@ -94,12 +94,10 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 
 
 def resolve_dtypes(dtype: str | torch.dtype | None, device: torch.device, *, native_bf16: bool | None = None) -> ComponentDtypes:
-    """Per-component dtypes. None: fp16 on CUDA, fp32 elsewhere. "auto": fp16 on CUDA; on CPUs with native
-    bf16, U-Net and text encoder in bfloat16 with the VAE kept in float32 (a bf16 VAE bands colours, and the
-    VAE is a small share of the time); float32 elsewhere. A named dtype applies to every component."""
-    if dtype is None:
-        return ComponentDtypes.same(resolve_dtype(None, device))
-    if isinstance(dtype, str) and dtype.lower() == "auto":
+    """Per-component dtypes. None or "auto": fp16 on CUDA; on CPUs with native bf16, U-Net and text encoder
+    in bfloat16 with the VAE kept in float32 (a bf16 VAE bands colours, and the VAE is a small share of the
+    time); float32 elsewhere. A named dtype applies to every component (parity with diffusers: "float32")."""
+    if dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto"):
         if device.type == "cuda":
             return ComponentDtypes.same(torch.float16)
         if device.type == "cpu" and (cpu_has_native_bf16() if native_bf16 is None else native_bf16):

@@ -27,7 +27,7 @@ def inpaint_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inpaint_pipe(inpaint_model):
-    return ldm.load(inpaint_model, device="cpu")
+    return ldm.load(inpaint_model, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

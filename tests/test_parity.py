@@ -61,7 +61,7 @@ def test_guidance_one_skips_uncond_and_matches(base_model, base_pipe):
 
 
 def test_vprediction_model_matches(vpred_model):
-    pipe = ldm.load(vpred_model, device="cpu")
+    pipe = ldm.load(vpred_model, device="cpu", dtype="float32")
     ours = pipe.txt2img("a tree", sampler="DPM++ 2M", schedule="Karras", width=32, height=32, steps=4, seed=5, guidance_scale=5)
     ref = diffusers_pipe(StableDiffusionPipeline, vpred_model, "DPM++ 2M", "Karras", ours.seeds)
     theirs = ref("a tree", width=32, height=32, num_inference_steps=4, guidance_scale=5, generator=gens(5, 1)).images

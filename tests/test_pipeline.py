@@ -12,7 +12,10 @@ def test_seed_minus_one_picks_and_reports_a_seed(base_pipe):
     r = base_pipe.txt2img("x", width=32, height=32, steps=1, seed=-1, batch_size=2)
     assert r.seeds[1] == r.seeds[0] + 1 and r.seeds[0] >= 0
     again = base_pipe.txt2img("x", width=32, height=32, steps=1, seed=r.seeds[1])
-    assert np.array_equal(np.asarray(again.images[0]), np.asarray(r.images[1]))  # image i uses seed + i
+    # image i uses seed + i; a batch of 2 and a batch of 1 differ only by float rounding in the kernels
+    diff = np.abs(np.asarray(again.images[0], np.int16) - np.asarray(r.images[1], np.int16))
+    other = np.abs(np.asarray(again.images[0], np.int16) - np.asarray(r.images[0], np.int16))
+    assert diff.max() <= 2 and other.mean() > 10
     assert f"Seed: {r.seeds[1]}," in r.infotexts[1]
 
 

@@ -27,14 +27,14 @@ def upscaler_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def up_pipe(upscaler_model):
-    return ldm.load(upscaler_model, device="cpu")
+    return ldm.load(upscaler_model, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def local_pipe(tmp_path_factory):
     """An upscaler whose output pixels depend only on a bounded neighbourhood of the input: no
     attention and no GroupNorm (both look at the whole tile). Isolates what tiling itself does."""
-    pipe = ldm.load(tiny.save_upscaler(tmp_path_factory.mktemp("tiny-x4-local"), attention=False), device="cpu")
+    pipe = ldm.load(tiny.save_upscaler(tmp_path_factory.mktemp("tiny-x4-local"), attention=False), device="cpu", dtype="float32")
     for model in (pipe.unet, pipe.vae):
         for module in list(model.modules()):
             for name, child in module.named_children():
