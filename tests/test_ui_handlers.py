@@ -79,6 +79,12 @@ def test_txt2img_hires_fix_doubles_the_size(ctx):
         assert im.size == (64, 64)
 
 
+def test_txt2img_fast_checkbox_reaches_the_library(ctx):
+    out = h.run(h.txt2img(ctx, prompt="x", steps=4, seed=1, fast=True))
+    plain = h.run(h.txt2img(ctx, prompt="x", steps=4, seed=1))
+    assert "Fast: True" in out.infotexts[0] and "Fast" not in plain.infotexts[0]
+
+
 def test_validation_errors_are_value_errors(ctx):
     with pytest.raises(ValueError, match="multiple of 8"):
         h.run(h.txt2img(ctx, prompt="x", steps=2, width=33))

@@ -439,11 +439,13 @@ def txt2img(ctx: Context, prompt: str = "", negative_prompt: str = "", sampler: 
             schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20, guidance_scale: float = 7.0,
             width: int | None = None, height: int | None = None, seed: int = -1, batch_size: int = 1,
             batch_count: int = 1, clip_skip: int = 1, hires_scale: float = 1.0, hires_strength: float = 0.5,
-            *, session: str = "") -> Iterator[Step | Output]:
+            fast: bool = False, *, session: str = "") -> Iterator[Step | Output]:
     pipe = ctx.pipes.base
     settings = sampling(steps, guidance_scale, sampler, schedule, clip_skip)
     settings.update(width=size_or_none("width", width), height=size_or_none("height", height),
                     batch_size=as_int("batch_size", batch_size), negative_prompt=negative_prompt)
+    if fast:  # ldm's opt-in fast preset (deep-feature reuse + guidance truncation)
+        settings["fast"] = True
     if hires_scale and float(hires_scale) > 1:
         if not _has_hires(pipe):
             raise Unavailable("hires fix is not available in this build (txt2img has no hires_scale yet)")
