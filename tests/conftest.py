@@ -13,6 +13,10 @@ import torch  # noqa: E402
 
 import tiny  # noqa: E402
 
+# Debian's Chromium, driven by Playwright (Playwright's own browser download does not work here).
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
 # Tiny models gain nothing from threads, and spinning OpenMP threads collapse when the cores are busy.
 torch.set_num_threads(int(os.environ.get("LDM_TEST_THREADS", "1")))
 

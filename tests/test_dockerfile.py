@@ -72,7 +72,7 @@ def test_runs_as_a_non_root_user():
     steps = instructions()
     users = [(i, a) for i, (k, a) in enumerate(steps) if k == "USER"]
     assert users and users[-1][1] not in ("root", "0", "0:0")
-    assert f"useradd" in runs() and users[-1][1] in runs()
+    assert "useradd" in runs() and users[-1][1] in runs()
     cmd_at = max(i for i, (k, _) in enumerate(steps) if k == "CMD")
     assert users[-1][0] < cmd_at  # the app starts as that user
 

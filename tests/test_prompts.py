@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ldm.prompts import CHUNK_TOKENS, chunk_prompt, parse_attention
+from ldm.prompts import chunk_prompt, parse_attention
 
 
 # Examples from A1111's parse_prompt_attention docstring, with its exact outputs.

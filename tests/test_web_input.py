@@ -17,6 +17,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 import tiny
+from conftest import CHROMIUM, CHROMIUM_ARGS
 
 pytest.importorskip("gradio_client")
 from gradio_client import handle_file  # noqa: E402
@@ -524,13 +525,11 @@ def test_cache_policy_and_flag():
 def test_hostile_prompt_and_error_are_text_in_the_browser(web):
     """In Chromium: the prompt lands in the infotext box as text, the error toast for a custom
     sampler name quotes it as text, and no injected element or script ever runs."""
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
-        pytest.skip("needs Chromium at /usr/bin/chromium")
+    if not CHROMIUM.exists():
+        pytest.skip(f"needs Chromium at {CHROMIUM}")
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium),
-                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             dialogs = []

@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from conftest import CHROMIUM, CHROMIUM_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("gradio_client")
@@ -283,7 +284,6 @@ def test_file_route_refuses_traversal_and_ssrf(open_app, target):
 
 def test_blocked_paths_win_inside_allowed_ones(launch_web_app, base_pipe, tmp_path):
     """Even with --outputs pointing at a folder that holds the password file, it is not served."""
-    from ui.handlers import Pipes
     from ui.security import launch_kwargs
 
     users = tmp_path / "users.txt"
@@ -382,13 +382,11 @@ def test_pinned_and_installed_versions_have_the_security_fixes():
 @pytest.mark.browser
 def test_a_browser_can_still_log_in_through_the_gate(authed):
     """The login page works with what the gate lets through (static files, /login), then the app loads."""
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
-        pytest.skip("needs Chromium at /usr/bin/chromium")
+    if not CHROMIUM.exists():
+        pytest.skip(f"needs Chromium at {CHROMIUM}")
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium),
-                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.goto(authed.url)

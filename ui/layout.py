@@ -384,7 +384,7 @@ def readable_errors(component, name: str):
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             name = getattr(payload, "orig_name", None) or "the file"
             raise gr.Error(html.escape(f"{what}: {name} is not a readable image ({type(exc).__name__})")) from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError):
             raise gr.Error(html.escape(f"{what}: {type(payload).__name__} is not a valid value here")) from None
 
     component.preprocess = preprocess
