@@ -126,8 +126,9 @@ def call_raw(web, api: str, body: str) -> tuple[str, str]:
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_cfg_nan_and_infinity_sent_raw(web, client, model_calls, value):
-    # txt2img's inputs in order: prompt, negative, sampler, schedule, steps, cfg, width, height, seed, ...
-    event, data = call_raw(web, "txt2img", '{"data": ["x", "", "Euler", "Automatic", 1, %s, 32, 32, 1, 1, 1, 1, 1, 0.5]}' % value)
+    # txt2img's inputs in order: prompt, negative, sampler, schedule, steps, cfg, width, height, seed,
+    # batch_size, batch_count, clip_skip, hires_scale, hires_strength, fast
+    event, data = call_raw(web, "txt2img", '{"data": ["x", "", "Euler", "Automatic", 1, %s, 32, 32, 1, 1, 1, 1, 1, 0.5, false]}' % value)
     assert event == "error", (event, data)
     message = (json.loads(data) or {}).get("error") or ""
     assert "guidance_scale" in message or "maximum" in message or "minimum" in message, message
