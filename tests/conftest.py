@@ -1,4 +1,5 @@
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -16,6 +17,13 @@ import tiny  # noqa: E402
 # Debian's Chromium, driven by Playwright (Playwright's own browser download does not work here).
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now, for a test server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 # Tiny models gain nothing from threads, and spinning OpenMP threads collapse when the cores are busy.
 torch.set_num_threads(int(os.environ.get("LDM_TEST_THREADS", "1")))
@@ -65,8 +73,6 @@ class WebApp:
 @pytest.fixture(scope="module")
 def launch_web_app(tmp_path_factory):
     """launch_web_app(pipes, auth=[("u", "p")], **Options fields) -> WebApp; all closed after the module."""
-    import socket
-
     from ui import build
     from ui.handlers import Options
     from ui.security import launch_kwargs
@@ -78,9 +84,7 @@ def launch_web_app(tmp_path_factory):
             outputs = tmp_path_factory.mktemp("web-outputs")
         opts = Options(outputs=outputs, **options)
         demo = build(pipes, opts)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                     **launch_kwargs(auth=auth, max_upload_mb=opts.max_upload_mb, outputs=outputs))
         app = WebApp(demo, port, outputs, auth)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,12 +31,6 @@ QUEUE_SIZE = 8
 BURST = 30
 MIXED = 200
 CACHE_MAX_AGE = 20  # seconds; app.py --cache-max-age (production default: 3600)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
