@@ -9,35 +9,46 @@ from __future__ import annotations
 
 import os
 
+from .accel import configure, weights_device
+from .components import ModelKind, ModelLoadError
 from .denoise import Cancelled
+from .devices import resolve_device, resolve_dtypes
+from .engine import VERSION, Result
 from .faults import OutOfMemory
 from .latents import DecodeError
-from .loading import ModelKind, ModelLoadError
+from .loading import load_components
+from .options import ATTENTION, OFFLOAD, Options
 from .params import GenerationParams, Limits
-from .pipeline import VERSION, Pipeline, Result
-from .upscale import upscale_image
+from .pipeline import Pipeline
+from .resize import RESAMPLERS, upscale_image
+from .tasks.hires import HIRES_UPSCALERS
 
-__all__ = ["load", "Pipeline", "Result", "GenerationParams", "Limits", "ModelKind", "ModelLoadError", "Cancelled", "OutOfMemory", "DecodeError", "VERSION", "upscale_image"]
+__all__ = ["load", "Pipeline", "Result", "Options", "GenerationParams", "Limits", "ModelKind", "ModelLoadError",
+           "Cancelled", "OutOfMemory", "DecodeError", "VERSION", "upscale_image", "RESAMPLERS", "HIRES_UPSCALERS",
+           "ATTENTION", "OFFLOAD"]
 
 
-def load(model: str | os.PathLike, *, device=None, dtype=None, max_size: int = 2048, max_batch: int = 16,
-         allow_download: bool = True, attention: str = "auto", compile: bool = False, offload: str = "none",
-         channels_last: bool | None = None, allow_pickle: bool = False, config: str | os.PathLike | None = None) -> Pipeline:
-    """Load a diffusers folder or hub id. device=None: cuda if available, else cpu.
+def load(model: str | os.PathLike, *, device=None, dtype=None, options: Options | None = None,
+         allow_download: bool = True, allow_pickle: bool = False, config: str | os.PathLike | None = None,
+         **option_fields) -> Pipeline:
+    """Load a diffusers folder, hub id or single checkpoint file. device=None: cuda if available, else cpu.
+
     dtype=None or "auto": fp16 on cuda; on CPUs with native bf16, bf16 U-Net/text encoder + fp32 VAE (~2x
     faster on CPU, see docs/performance.md); else fp32. "float32" everywhere is what the parity tests use.
-    attention "auto"|"sdpa"|"xformers", compile, offload "none"|"model"|"sequential", channels_last: see ldm.accel.
+    options: an `ldm.Options` (sizes, VAE tiling, memory budget, attention, compile, offload, channels_last);
+    its fields may also be given as keywords (`max_size=1024, attention="sdpa"`), which override `options`.
     A single .safetensors checkpoint (original SD layout) loads offline with the bundled SD 1.5 configs, or with
     `config=` (a diffusers folder supplying the architecture); pickles (.ckpt/.pt/.bin) are refused unless
     allow_pickle=True, and then only tensors are unpickled. See docs/security.md."""
-    from .accel import check_options, configure, weights_device
-    from .loading import load_components, resolve_device, resolve_dtypes
-
-    check_options(attention, offload)
+    base = options or Options()
+    try:
+        opts = base.__class__(**{**base.__dict__, **option_fields}).validate()
+    except TypeError:
+        unknown = sorted(set(option_fields) - set(base.__dict__))
+        raise TypeError(f"ldm.load got unknown argument(s): {', '.join(unknown)}") from None
     dev = resolve_device(device)
-    components = load_components(model, device=weights_device(dev, offload), dtype=resolve_dtypes(dtype, dev),
+    components = load_components(model, device=weights_device(dev, opts.offload), dtype=resolve_dtypes(dtype, dev),
                                  allow_download=allow_download, allow_pickle=allow_pickle, config=config)
-    pipe = Pipeline(components, max_size=max_size, max_batch=max_batch)
-    pipe.accel = configure(components, device=dev, attention=attention, compile=compile, offload=offload,
-                           channels_last=channels_last)
-    return pipe
+    accel = configure(components, device=dev, attention=opts.attention, compile=opts.compile, offload=opts.offload,
+                      channels_last=opts.channels_last)
+    return Pipeline(components, opts, accel)

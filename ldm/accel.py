@@ -1,5 +1,6 @@
 """Speed and memory options chosen once at load time: attention backend, channels_last, torch.compile,
-and CPU offload for small GPUs. Every choice is recorded on the Pipeline (`pipe.accel`).
+and CPU offload for small GPUs. The choices come from `ldm.Options`;
+what was applied is recorded on the Pipeline (`pipe.accel`).
 
 On a CPU-only machine all of these are either the default (sdpa attention) or a no-op with a log
 message, so they can be passed unconditionally by an app that serves both.
@@ -14,9 +15,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ATTENTION = ("auto", "sdpa", "xformers")
-OFFLOAD = ("none", "model", "sequential")
-
 
 @dataclass(frozen=True)
 class Accel:
@@ -27,13 +25,6 @@ class Accel:
     channels_last: bool = False
     compiled: bool = False
     offload: str = "none"
-
-
-def check_options(attention: str, offload: str) -> None:
-    if attention not in ATTENTION:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}; got {attention!r}")
-    if offload not in OFFLOAD:
-        raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}; got {offload!r}")
 
 
 def weights_device(device: torch.device, offload: str) -> torch.device:
@@ -63,9 +54,9 @@ def xformers_works(device: torch.device) -> bool:
 def select_attention(requested: str, device: torch.device, probe: Callable[[torch.device], bool] = xformers_works,
                      unet_dtype: torch.dtype = torch.float32) -> str:
     """"auto": xformers on CUDA when it works; on a CPU with a bf16 U-Net, "chunked" (below); else
-    PyTorch's scaled_dot_product_attention."""
-    if requested == "sdpa":
-        return "sdpa"
+    PyTorch's scaled_dot_product_attention. "sdpa" and "chunked" run on any device."""
+    if requested in ("sdpa", "chunked"):
+        return requested
     if device.type != "cuda":
         if requested == "xformers":
             raise ValueError("attention='xformers' needs a CUDA device; use 'sdpa' or 'auto'")
@@ -172,8 +163,7 @@ def apply_offload(components, mode: str, device: torch.device) -> str:
 
 def configure(components, *, device: torch.device, attention: str = "auto", compile: bool = False,
               offload: str = "none", channels_last: bool | None = None) -> Accel:
-    """Apply the options to loaded components (already on `weights_device(device, offload)`)."""
-    check_options(attention, offload)
+    """Apply validated options (ldm.Options) to loaded components (already on `weights_device(device, offload)`)."""
     backend = select_attention(attention, device, unet_dtype=components.unet.dtype)
     apply_attention(components.unet, components.vae, backend)
     nhwc = use_channels_last(channels_last, device)
@@ -183,9 +173,3 @@ def configure(components, *, device: torch.device, attention: str = "auto", comp
     if compile:
         compile_unet(components.unet)
     return Accel(device=device, attention=backend, channels_last=nhwc, compiled=bool(compile), offload=offload)
-
-
-def warmup(pipe, width: int | None = None, height: int | None = None, steps: int = 2) -> None:
-    """Run a short generation so compilation (and allocator growth) happens now, not for the first user.
-    Covers the guided batch shape that normal generations use."""
-    pipe.txt2img("warmup", width=width, height=height, steps=steps, seed=0, guidance_scale=7.0)

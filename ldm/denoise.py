@@ -1,38 +1,79 @@
-"""The one denoising loop every task runs.
+"""The one denoising loop every task and model family runs, and the hooks that extend it.
 
-Tasks differ only in what they hand this loop: initial latents, the slice of the schedule to run
-(img2img strength), extra U-Net input channels (inpainting models' mask + masked image, the x4
-upscaler's low-res image), a class label (the upscaler's noise level), and an optional hook run
-after each scheduler step (blending known latents back in for inpainting with a regular model).
+A task hands the loop its initial latents, the slice of the schedule to run and a list of
+`Extension`s. Everything feature-specific lives in an extension (ldm/extensions/): extra U-Net
+input channels (inpainting models, the x4 upscaler), added conditioning (class labels; SDXL's
+pooled embeddings and time ids), residuals added inside the U-Net (ControlNet), a post-step blend
+(inpainting with a regular model), a U-Net wrapper or fewer guided steps (the fast preset). The loop
+calls each hook of every extension in list order and has no branch for any particular feature.
+
+Batch convention: a guided step runs the U-Net on `[uncond rows, cond rows]`; per-image tensors
+are doubled with `StepInfo.batch` (= `guidance.guided_batch`).
 """
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
 
 import torch
 
-from .guidance import apply_cfg, uses_cfg
+from .guidance import apply_cfg, guided_batch, uses_cfg
 
 # callback(step, total, latents) -> True to cancel the run
 StepCallback = Callable[[int, int, torch.Tensor], "bool | None"]
-# hook(index, timestep, latents) -> latents
-StepHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class StepPolicy(Protocol):
-    """Opt-in per-run speed-ups (see ldm.fastpath.FastPreset): how many leading steps keep the
-    unconditional pass, and a per-run wrapper around the U-Net."""
-
-    def guided_steps(self, total: int) -> int: ...
-
-    def wrap(self, unet): ...
 
 
 class Cancelled(Exception):
     """The progress callback asked to stop. The pipeline stays usable."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a hook knows about the current step."""
+
+    index: int  # 0-based position in the timesteps being run
+    total: int  # number of timesteps being run
+    timestep: torch.Tensor
+    guided: bool  # this step runs the [uncond, cond] batch
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-image rows [B, ...] -> the rows this step's U-Net batch needs."""
+        return guided_batch(x, self.guided)
+
+
+class Extension:
+    """Hooks of the denoising loop; each default does nothing, so an extension overrides only what it needs."""
+
+    def wrap_unet(self, unet):
+        """Once per run: return a callable used in place of the U-Net (same call signature)."""
+        return unet
+
+    def keeps_guidance(self, index: int, total: int) -> bool:
+        """False drops the unconditional pass at this step (guidance is also off at scale <= 1)."""
+        return True
+
+    def extra_channels(self, step: StepInfo) -> torch.Tensor | None:
+        """Channels concatenated after the scaled latents, already batched with `step.batch`."""
+        return None
+
+    def unet_kwargs(self, step: StepInfo) -> dict:
+        """Extra U-Net keyword arguments (class_labels, added_cond_kwargs, ...), batched with `step.batch`."""
+        return {}
+
+    def residuals(self, step: StepInfo, latents_in: torch.Tensor, embeds: torch.Tensor) -> dict | None:
+        """Residuals added inside the U-Net (`down_block_additional_residuals`, a tuple, and
+        `mid_block_additional_residual`); from several extensions they add up. `latents_in` are the scaled
+        latents before extra channels, `embeds` the step's text conditioning."""
+        return None
+
+    def after_step(self, step: StepInfo, latents: torch.Tensor) -> torch.Tensor:
+        """The latents after the scheduler step; return the (possibly changed) latents."""
+        return latents
+
+    def infotext(self) -> dict:
+        """Entries this extension adds to the images' infotext (not a loop hook: read once per run)."""
+        return {}
 
 
 @dataclass
@@ -44,60 +85,58 @@ class DenoiseInputs:
     uncond: torch.Tensor | None  # negative conditioning, same shape; None when guidance is off
     guidance_scale: float
     generators: Sequence[torch.Generator]  # per-image RNGs for stochastic samplers
-    extra_channels: torch.Tensor | None = None  # concatenated to the scaled latents [B, c, h, w]
-    class_labels: torch.Tensor | None = None  # e.g. the upscaler's noise level, [B]
-    after_step: StepHook | None = None
-    policy: StepPolicy | None = None  # None: every step is the plain diffusers step
+    extensions: Sequence[Extension] = field(default_factory=tuple)
 
 
 def denoise(unet, inputs: DenoiseInputs, callback: StepCallback | None = None) -> torch.Tensor:
     """Run the sampler over `inputs.timesteps`; returns the final latents."""
-    scheduler = inputs.scheduler
+    scheduler, exts = inputs.scheduler, list(inputs.extensions)
     cfg = uses_cfg(inputs.guidance_scale) and inputs.uncond is not None
     latents = inputs.latents
     total = len(inputs.timesteps)
-    policy = inputs.policy
-    if policy is not None:
-        unet = policy.wrap(unet)
-    # Step index at which the unconditional pass is dropped (total: never).
-    cfg_until = policy.guided_steps(total) if policy is not None and cfg else total
+    for ext in exts:
+        unet = ext.wrap_unet(unet)
     # Latents (and the sampler's math) may stay float32 while the U-Net runs in bfloat16.
     unet_dtype = getattr(unet, "dtype", latents.dtype)
-    cast = unet_dtype != latents.dtype
-    # Everything that does not change per step is prepared once, outside the loop.
-    embeds = (torch.cat([inputs.uncond, inputs.cond]) if cfg else inputs.cond).to(unet_dtype)
-    extra = inputs.extra_channels
-    labels = inputs.class_labels
-    if cfg:
-        extra = torch.cat([extra] * 2) if extra is not None else None
-        labels = torch.cat([labels] * 2) if labels is not None else None
+    # Both conditioning batches are built once, outside the loop.
+    cond = inputs.cond.to(unet_dtype)
+    both = torch.cat([inputs.uncond, inputs.cond]).to(unet_dtype) if cfg else None
     step_kwargs = _step_kwargs(scheduler, inputs.generators)
 
     for i, t in enumerate(inputs.timesteps):
-        if i == cfg_until:  # only with a policy: from here on the batch is the conditional half
-            cfg, embeds, extra, labels = False, _cond_half(embeds), _cond_half(extra), _cond_half(labels)
-        model_in = torch.cat([latents] * 2) if cfg else latents
-        model_in = scheduler.scale_model_input(model_in, t)
-        if extra is not None:
-            model_in = torch.cat([model_in, extra], dim=1)
-        if cast:
-            model_in = model_in.to(unet_dtype)
-        pred = unet(model_in, t, encoder_hidden_states=embeds, class_labels=labels, return_dict=False)[0]
-        if cast:
-            pred = pred.to(latents.dtype)
-        if cfg:
+        step = StepInfo(i, total, t, cfg and all(e.keeps_guidance(i, total) for e in exts))
+        embeds = both if step.guided else cond
+        latents_in = scheduler.scale_model_input(step.batch(latents), t)
+        channels = [c for e in exts if (c := e.extra_channels(step)) is not None]
+        model_in = torch.cat([latents_in, *channels], dim=1) if channels else latents_in
+        kwargs = {}
+        for ext in exts:
+            kwargs.update(ext.unet_kwargs(step))
+        kwargs.update(_sum_residuals(e.residuals(step, latents_in, embeds) for e in exts))
+        pred = unet(model_in.to(unet_dtype), t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
+        pred = pred.to(latents.dtype)
+        if step.guided:
             pred = apply_cfg(pred, inputs.guidance_scale)
         latents = scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
-        if inputs.after_step is not None:
-            latents = inputs.after_step(i, t, latents)
+        for ext in exts:
+            latents = ext.after_step(step, latents)
         if callback is not None and callback(i + 1, total, latents):
             raise Cancelled(f"cancelled at step {i + 1} of {total}")
     return latents
 
 
-def _cond_half(x: torch.Tensor | None) -> torch.Tensor | None:
-    """The conditional rows of a [uncond, cond] batch."""
-    return None if x is None else x.chunk(2)[1]
+def _sum_residuals(parts) -> dict:
+    """Add the residual dicts of several extensions key by key (tuples element-wise)."""
+    out: dict = {}
+    for part in parts:
+        for key, value in (part or {}).items():
+            if key not in out:
+                out[key] = value
+            elif isinstance(value, tuple):
+                out[key] = tuple(a + b for a, b in zip(out[key], value))
+            else:
+                out[key] = out[key] + value
+    return out
 
 
 def _step_kwargs(scheduler, gens: Sequence[torch.Generator]) -> dict:

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-ADVICE = ("try a smaller width/height or batch size, enable VAE tiling (pipe.vae_tiling = True), "
+ADVICE = ("try a smaller width/height or batch size, enable VAE tiling (ldm.load(..., vae_tiling=True)), "
           "or offload the model (ldm.load(..., offload='model'))")
 
 # Markers of allocation failures that torch reports as plain RuntimeError (CPU allocator, MPS).

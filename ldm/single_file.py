@@ -21,15 +21,16 @@ from pathlib import Path
 
 import torch
 
-from .loading import ComponentDtypes, Components, ModelKind, ModelLoadError, check_safetensors
+from .components import Components, ModelKind, ModelLoadError, check_safetensors
+from .devices import ComponentDtypes
 
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 SD15_CONFIG = Path(__file__).resolve().parent / "configs" / "sd15"
-# The CLIP tokenizer ships once, in the repo's weights/ folder; config folders reference it instead of copying it.
-DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "weights" / "clip-tokenizer"
+# The CLIP tokenizer ships once, as package data; config folders reference it instead of copying it.
+DEFAULT_TOKENIZER = Path(__file__).resolve().parent / "configs" / "clip-tokenizer"
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

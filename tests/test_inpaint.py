@@ -1,7 +1,7 @@
 """Inpainting and outpainting: parity with diffusers' StableDiffusionInpaintPipeline (inpainting and
 regular models), exact paste-back, the mask formats, only-masked crops, masked content, outpainting,
 and the errors raised before any model work."""
-import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ from PIL import Image
 
 import ldm
 import tiny
-from ldm import ModelKind, samplers
+from ldm import ModelKind, Pipeline, samplers
 from ldm.masks import blur_mask
 
 TOL = 2  # per pixel, out of 255
@@ -261,8 +261,7 @@ def test_bad_input_is_refused_early(base_pipe, no_model_calls, args, kwargs, mat
 
 
 def test_upscaler_models_are_refused(base_pipe):
-    upscaler = copy.copy(base_pipe)
-    upscaler.kind = ModelKind.UPSCALE
+    upscaler = Pipeline(dataclasses.replace(base_pipe.components, kind=ModelKind.UPSCALE), base_pipe.options, base_pipe.accel)
     with pytest.raises(ValueError, match="regular .* or inpainting"):
         upscaler.inpaint(photo(), Image.fromarray(box_mask()))
     with pytest.raises(ValueError, match="regular .* or inpainting"):

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import ldm
-from ldm import accel, fastpath, latents, loading
+from ldm import accel, latents
+from ldm import devices as loading
+from ldm.extensions import fast as fastpath
 
 CPUINFO_BF16 = "processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16\n"
 CPUINFO_PLAIN = "processor : 0\nflags : fpu sse avx2 avx512f\n"
@@ -41,14 +43,14 @@ def test_loop_calls_unet_once_per_step_with_doubled_batch(base_pipe):
 
 
 def test_ui_callback_previews_every_n_steps_only(base_pipe, monkeypatch):
-    handlers = pytest.importorskip("ui.handlers")
+    streaming = pytest.importorskip("ui.streaming")
     calls = []
-    real = handlers.latent_preview
-    monkeypatch.setattr(handlers, "latent_preview", lambda x: calls.append(1) or real(x))
+    real = streaming.latent_preview
+    monkeypatch.setattr(streaming, "latent_preview", lambda x: calls.append(1) or real(x))
     for every, expected in ((5, 2), (0, 0)):  # 12 steps: previews after steps 5 and 10, none on the last
         calls.clear()
-        gen = handlers.stream_call(lambda cb: small(base_pipe, steps=12, callback=cb), threading.Event(), every)
-        steps = [s for s in gen if isinstance(s, handlers.Step)]
+        gen = streaming.stream_call(lambda cb: small(base_pipe, steps=12, callback=cb), threading.Event(), every)
+        steps = [s for s in gen if isinstance(s, streaming.Step)]
         assert len(calls) == expected
         assert steps and steps[-1].step <= 12
 

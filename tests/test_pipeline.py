@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import ldm
-from ldm.loading import ModelLoadError, resolve_dtype
+from ldm import ModelLoadError
+from ldm.devices import resolve_dtype
 
 
 def test_seed_minus_one_picks_and_reports_a_seed(base_pipe):

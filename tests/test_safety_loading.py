@@ -18,7 +18,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import ldm
 import tiny
 from ldm import single_file
-from ldm.loading import ComponentDtypes, ModelKind, ModelLoadError
+from ldm import ModelKind, ModelLoadError
+from ldm.devices import ComponentDtypes
 
 GEN = dict(width=32, height=32, steps=2, seed=5, sampler="Euler")
 

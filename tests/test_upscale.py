@@ -13,9 +13,9 @@ from PIL import Image
 import ldm
 import tiny
 from ldm import samplers, tiling
-from ldm import upscale as up
+from ldm.tasks import upscale_x4 as up
 from ldm.latents import decode, encode, generators
-from ldm.loading import ModelLoadError
+from ldm import ModelLoadError
 
 TOL = 2  # per-pixel, out of 255
 
@@ -130,10 +130,8 @@ def test_bad_upscale_input_is_refused_before_model_work(up_pipe, base_pipe):
     calls = []
     hook = up_pipe.unet.register_forward_hook(lambda *a: calls.append(1))
     try:
-        up_pipe.max_upscale_size = 100
         with pytest.raises(ValueError, match=r"32x24 x4 gives 128x96; the largest side allowed is 100"):
-            up_pipe.upscale(noise_image(24, 32))
-        up_pipe.max_upscale_size = 4096
+            up_pipe.with_options(max_upscale_size=100).upscale(noise_image(24, 32))
         with pytest.raises(ValueError, match="cannot load an image from int"):
             up_pipe.upscale(42)
         with pytest.raises(ValueError, match="not an image file"):
@@ -147,7 +145,6 @@ def test_bad_upscale_input_is_refused_before_model_work(up_pipe, base_pipe):
         with pytest.raises(ValueError, match="too small"):
             up_pipe.upscale(noise_image(3, 16))
     finally:
-        up_pipe.max_upscale_size = 4096
         hook.remove()
     assert calls == []
     with pytest.raises(ValueError, match="upscale needs a upscale model"):
@@ -307,11 +304,7 @@ def test_vae_tiling_decode_and_encode(base_pipe):
 def test_pipeline_vae_tiling_option(base_pipe):
     kw = dict(width=48, height=48, steps=2, seed=3)
     plain = base_pipe.txt2img("x", **kw)
-    base_pipe.vae_tiling, base_pipe.vae_tile_size = True, 12
-    try:
-        tiled = base_pipe.txt2img("x", **kw)
-    finally:
-        base_pipe.vae_tiling, base_pipe.vae_tile_size = False, 64
+    tiled = base_pipe.with_options(vae_tiling=True, vae_tile_size=12).txt2img("x", **kw)
     assert torch.equal(plain.latents, tiled.latents)  # the loop is untouched, only the decode differs
     assert 0 < np.abs(arr(plain.images[0]) - arr(tiled.images[0])).mean() < 10
 

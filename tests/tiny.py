@@ -1,5 +1,5 @@
 """Tiny random Stable-Diffusion-shaped components (as diffusers' own tests build them), saved as
-diffusers folders with the real CLIP tokenizer from weights/clip-tokenizer."""
+diffusers folders with the real CLIP tokenizer from ldm/configs/clip-tokenizer."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT / "weights" / "clip-tokenizer"
+TOKENIZER = ROOT / "ldm" / "configs" / "clip-tokenizer"
 
 SD15_SCHEDULER = {
     "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",

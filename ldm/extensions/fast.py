@@ -1,6 +1,6 @@
 """The opt-in fast preset: fewer U-Net FLOPs per image for a small change in the picture.
 
-Two independent savings, both decided per step by `FastPreset`:
+Two independent savings, both decided per step by `FastPreset`, a loop extension:
 
 * Deep-feature reuse (the idea of DeepCache, Ma et al. 2023): between adjacent steps the U-Net's
   deep, low-resolution features barely change. Every `cache_interval`-th step runs the whole U-Net
@@ -9,7 +9,7 @@ Two independent savings, both decided per step by `FastPreset`:
 * Guidance truncation: late in the schedule the image is mostly fixed and the unconditional pass
   adds little, so the last `1 - cfg_until` of the steps run the conditional batch only.
 
-The wrapper is created per run, so a shared Pipeline stays stateless and thread-safe.
+The wrapper is created per run (`wrap_unet`), so a shared Pipeline stays stateless and thread-safe.
 """
 from __future__ import annotations
 
@@ -19,11 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..denoise import Extension
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class FastPreset:
+class FastPreset(Extension):
     """`cache_interval`: full U-Net every k-th step (1 = never reuse). `cfg_until`: share of the
     steps, from the start, that keep classifier-free guidance (1.0 = all)."""
 
@@ -39,6 +41,15 @@ class FastPreset:
     def guided_steps(self, total: int) -> int:
         """How many leading steps keep the unconditional pass; at least one, so guidance shapes the layout."""
         return max(1, math.ceil(total * self.cfg_until))
+
+    def keeps_guidance(self, index: int, total: int) -> bool:
+        return index < self.guided_steps(total)
+
+    def wrap_unet(self, unet):
+        return self.wrap(unet)
+
+    def infotext(self) -> dict:
+        return {"Fast": True}
 
     def wrap(self, unet):
         """A per-run U-Net callable that reuses deep features, or the U-Net itself if it cannot."""
@@ -86,7 +97,10 @@ class DeepCacheUNet:
         return self.unet.config
 
     def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                 class_labels: torch.Tensor | None = None, return_dict: bool = False) -> tuple[torch.Tensor]:
+                 class_labels: torch.Tensor | None = None, return_dict: bool = False, **unsupported) -> tuple[torch.Tensor]:
+        if any(v is not None for v in unsupported.values()):
+            raise ValueError(f"the fast preset cannot be combined with {', '.join(sorted(unsupported))} (U-Net residuals "
+                             "or added conditioning); turn fast off")
         full = self.deep is None or self.calls % self.interval == 0
         self.calls += 1
         if full:

@@ -1,11 +1,11 @@
-"""Inpainting and outpainting: pre/post-processing around `Pipeline._run` (never a copy of the loop).
+"""Inpainting and outpainting: pre/post-processing around the engine's `run` (never a copy of the loop).
 
 Two kinds of model are supported, as diffusers' `StableDiffusionInpaintPipeline` supports them:
 
 * inpainting models (9-channel U-Net): the U-Net sees the latents plus the latent-size mask and the
-  latents of the image with the masked area blanked, as `extra_channels`;
+  latents of the image with the masked area blanked (the `UNetInputs` extension);
 * regular models (4-channel U-Net): after every step the known area is replaced by the original
-  latents noised to the next timestep (the `after_step` hook).
+  latents noised to the next timestep (the `KnownAreaBlend` extension).
 
 Around that sits what A1111 adds: mask blur, paste-back of the generated pixels over the untouched
 original, "only masked" crops generated at full resolution, and the masked-content start modes.
@@ -15,6 +15,7 @@ Conventions: masks are "L" images, 255 = repaint. Regions are (x0, y0, x1, y1), 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageChops
 
-from . import images as imgs
-from .denoise import StepCallback, StepHook
-from .latents import encode, seeded_noise
-from .loading import ModelKind
-from .masks import (
+from .. import images as imgs
+from ..components import ModelKind
+from ..denoise import Extension, StepCallback
+from ..engine import Model, Result, Start, StartFn, params_for, run, size_from_image, strength_slice
+from ..extensions import KnownAreaBlend, UNetInputs
+from ..latents import encode, seeded_noise
+from ..masks import (
     InpaintArea,
     MaskedContent,
     Region,
@@ -39,8 +42,7 @@ from .masks import (
     pad_for_outpaint,
     paste_back,
 )
-from .params import GenerationParams
-from .pipeline import Pipeline, Result, Start, StartFn
+from ..params import GenerationParams
 
 # A1111's infotext labels for the start modes ("original" is its default and is not written).
 _CONTENT_LABELS = {
@@ -66,7 +68,7 @@ class _Job:
 
 
 def inpaint(
-    pipe: Pipeline,
+    model: Model,
     image,
     mask,
     prompt: str = "",
@@ -78,6 +80,7 @@ def inpaint(
     masked_content: str | MaskedContent = "original",
     invert_mask: bool = False,
     callback: StepCallback | None = None,
+    extensions: Sequence[Extension] = (),
     **settings,
 ) -> Result:
     """Repaint the white part of `mask` in `image`; the result always has the image's size.
@@ -87,14 +90,14 @@ def inpaint(
     Other settings are `GenerationParams` fields (steps, sampler, seed, batch_size, ...).
     """
     return _inpaint(
-        pipe, image, mask, prompt, strength=strength, mask_blur=mask_blur, inpaint_area=inpaint_area,
+        model, image, mask, prompt, strength=strength, mask_blur=mask_blur, inpaint_area=inpaint_area,
         padding=padding, masked_content=masked_content, invert_mask=invert_mask, callback=callback,
-        settings=settings, protect_original=False, extra_info={},
+        extensions=extensions, settings=settings, protect_original=False, extra_info={},
     )
 
 
 def outpaint(
-    pipe: Pipeline,
+    model: Model,
     image,
     prompt: str = "",
     *,
@@ -108,6 +111,7 @@ def outpaint(
     padding: int = 32,
     masked_content: str | MaskedContent = "original",
     callback: StepCallback | None = None,
+    extensions: Sequence[Extension] = (),
     **settings,
 ) -> Result:
     """Extend the canvas by the given pixels per side and paint the new area.
@@ -115,25 +119,25 @@ def outpaint(
     The result is (w + left + right) x (h + top + bottom); the original pixels are kept exactly
     (the blur only feathers inside the new area). Other arguments are as for `inpaint`.
     """
-    _check_model(pipe, "outpainting")
+    _check_model(model, "outpainting")
     image = imgs.load_image(image)
     canvas, mask = pad_for_outpaint(image, left, right, top, bottom)
     sides = " ".join(f"{name} {n}" for name, n in (("left", left), ("right", right), ("top", top), ("bottom", bottom)) if n)
     return _inpaint(
-        pipe, canvas, mask, prompt, strength=strength, mask_blur=mask_blur, inpaint_area=inpaint_area,
+        model, canvas, mask, prompt, strength=strength, mask_blur=mask_blur, inpaint_area=inpaint_area,
         padding=padding, masked_content=masked_content, invert_mask=False, callback=callback,
-        settings=settings, protect_original=True, extra_info={"Outpaint": sides},
+        extensions=extensions, settings=settings, protect_original=True, extra_info={"Outpaint": sides},
     )
 
 
 # ---- the shared path --------------------------------------------------------------------------
 
 
-def _inpaint(pipe: Pipeline, image, mask, prompt: str, *, strength, mask_blur, inpaint_area, padding,
-             masked_content, invert_mask, callback, settings: dict, protect_original: bool,
+def _inpaint(model: Model, image, mask, prompt: str, *, strength, mask_blur, inpaint_area, padding,
+             masked_content, invert_mask, callback, extensions, settings: dict, protect_original: bool,
              extra_info: dict) -> Result:
     # Everything is checked and prepared here, before the first model call.
-    _check_model(pipe, "inpainting")
+    _check_model(model, "inpainting")
     area = _choice(InpaintArea, inpaint_area, "inpaint_area")
     content = _choice(MaskedContent, masked_content, "masked_content")
     _check_padding(padding)
@@ -144,8 +148,8 @@ def _inpaint(pipe: Pipeline, image, mask, prompt: str, *, strength, mask_blur, i
     if isinstance(mask, (str, os.PathLike)):
         mask = imgs.load_image(mask, mode=None)  # keep alpha: it may carry the mask
     mask = normalize_mask(mask, image.size, invert=invert_mask)
-    p = pipe._params(prompt, _default_size(pipe, image, settings), strength=strength)
-    job = _prepare(pipe, image, mask, p, mask_blur=mask_blur, area=area, padding=padding, content=content,
+    p = params_for(model, prompt, _default_size(model, image, settings), strength=strength)
+    job = _prepare(model, image, mask, p, mask_blur=mask_blur, area=area, padding=padding, content=content,
                    protect_original=protect_original)
 
     info = {"Denoising strength": p.strength, "Mask blur": mask_blur}
@@ -155,16 +159,16 @@ def _inpaint(pipe: Pipeline, image, mask, prompt: str, *, strength, mask_blur, i
         info["Masked content"] = _CONTENT_LABELS[content]
     if area is InpaintArea.MASKED:
         info.update({"Inpaint area": "Only masked", "Masked area padding": padding})
-    result = pipe._run(p, _start_fn(pipe, p, job, content), callback, extra_info={**info, **extra_info})
+    result = run(model, p, _start_fn(model, p, job, content), callback, extensions, extra_info={**info, **extra_info})
     pasted = [paste_back(job.original, generated, job.overlay, job.region) for generated in result.images]
     return replace(result, images=pasted)
 
 
-def _check_model(pipe: Pipeline, task: str) -> None:
-    if pipe.kind not in (ModelKind.BASE, ModelKind.INPAINT):
+def _check_model(model: Model, task: str) -> None:
+    if model.kind not in (ModelKind.BASE, ModelKind.INPAINT):
         raise ValueError(
             f"{task} needs a regular (4-channel) or inpainting (9-channel) model; "
-            f"{pipe.name!r} is a {pipe.kind.value} model"
+            f"{model.name!r} is a {model.kind.value} model"
         )
 
 
@@ -181,14 +185,14 @@ def _check_padding(padding: Any) -> None:
         raise ValueError(f"padding must be a whole number of pixels >= 0; got {padding!r}")
 
 
-def _default_size(pipe: Pipeline, image: Image.Image, settings: dict) -> dict:
+def _default_size(model: Model, image: Image.Image, settings: dict) -> dict:
     """width/height default to the image size rounded down to the size step (never 0)."""
-    out = pipe._size_from_image(image, settings)
-    too_big = [n for n in ("width", "height") if settings.get(n) is None and out[n] > pipe.limits.max_size]
+    out = size_from_image(model, image, settings)
+    too_big = [n for n in ("width", "height") if settings.get(n) is None and out[n] > model.limits.max_size]
     if too_big:
         raise ValueError(
             f"the image is {image.width}x{image.height}, and by default it is generated at that size, which is "
-            f"over this pipeline's limit of {pipe.limits.max_size} px a side: pass width and height "
+            f"over this pipeline's limit of {model.limits.max_size} px a side: pass width and height "
             "(with inpaint_area='masked' they are the size of the crop)"
         )
     return out
@@ -197,7 +201,7 @@ def _default_size(pipe: Pipeline, image: Image.Image, settings: dict) -> dict:
 # ---- preprocessing ------------------------------------------------------------------------------
 
 
-def _prepare(pipe: Pipeline, image: Image.Image, mask: Image.Image, p: GenerationParams, *, mask_blur,
+def _prepare(model: Model, image: Image.Image, mask: Image.Image, p: GenerationParams, *, mask_blur,
              area: InpaintArea, padding: int, content: MaskedContent, protect_original: bool) -> _Job:
     blurred = blur_mask(mask, mask_blur)
     # Doubling the blurred mask (as A1111 does for the whole picture) puts the feather outside the
@@ -217,7 +221,7 @@ def _prepare(pipe: Pipeline, image: Image.Image, mask: Image.Image, p: Generatio
         gen_image = fill_masked(gen_image, gen_mask)  # A1111 fills for every mode but "original"
 
     mask_t = torch.from_numpy(np.asarray(gen_mask) >= 128).float()[None, None]  # exactly 0.0 / 1.0
-    f = pipe.vae_scale_factor
+    f = model.vae_scale_factor
     latent_mask = F.interpolate(mask_t, size=(p.height // f, p.width // f))  # nearest, as diffusers
     if latent_mask.max() == 0:
         raise ValueError(
@@ -235,15 +239,15 @@ def _fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 # ---- the start of the loop -------------------------------------------------------------------------
 
 
-def _start_fn(pipe: Pipeline, p: GenerationParams, job: _Job, content: MaskedContent) -> StartFn:
+def _start_fn(model: Model, p: GenerationParams, job: _Job, content: MaskedContent) -> StartFn:
     """Initial latents and per-step extras, drawing random numbers in diffusers' order."""
-    b, device, dtype, vae = p.batch_size, pipe.device, pipe.dtype, pipe.vae
-    inpaint_model = pipe.kind is ModelKind.INPAINT
+    b, device, dtype, vae = p.batch_size, model.device, model.dtype, model.vae
+    inpaint_model = model.kind is ModelKind.INPAINT
     latent_shape = (b, vae.config.latent_channels, *job.latent_mask.shape[2:])
     mask = job.latent_mask.to(device=device, dtype=dtype).repeat(b, 1, 1, 1)
 
     def start(scheduler, gens: list[torch.Generator]) -> Start:
-        timesteps = pipe._strength_slice(scheduler, p.steps, p.strength)
+        timesteps = strength_slice(scheduler, p.steps, p.strength)
         pure_noise = p.strength == 1.0  # diffusers' is_strength_max: start from noise alone
         # Each image draws from its own generator in the order diffusers' pipeline draws from its
         # one generator at batch size 1 (image latents, noise, masked-image latents), so image i of
@@ -265,8 +269,8 @@ def _start_fn(pipe: Pipeline, p: GenerationParams, job: _Job, content: MaskedCon
             known = _masked_start(known, mask, content, gens)  # any extra draws come last
         latents = noise * scheduler.init_noise_sigma if pure_noise else scheduler.add_noise(known, noise, timesteps[:1].repeat(b))
         if inpaint_model:
-            return Start(latents, timesteps, extra_channels=torch.cat([mask, blanked_latents], dim=1))
-        return Start(latents, timesteps, after_step=_blend_known(scheduler, timesteps, known, noise, mask))
+            return Start(latents, timesteps, [UNetInputs(channels=torch.cat([mask, blanked_latents], dim=1))])
+        return Start(latents, timesteps, [KnownAreaBlend(scheduler, timesteps, known, noise, mask)])
 
     return start
 
@@ -279,17 +283,3 @@ def _masked_start(known: torch.Tensor, mask: torch.Tensor, content: MaskedConten
     if content is MaskedContent.LATENT_NOTHING:
         return known * (1 - mask)
     return known
-
-
-def _blend_known(scheduler, timesteps: torch.Tensor, known: torch.Tensor, noise: torch.Tensor,
-                 mask: torch.Tensor) -> StepHook:
-    """Regular models: after each step, the kept area becomes the original latents noised to the
-    next timestep with the same noise as the start (clean after the last step)."""
-
-    def hook(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        target = known
-        if i < len(timesteps) - 1:
-            target = scheduler.add_noise(known, noise, timesteps[i + 1 : i + 2])
-        return (1 - mask) * target + mask * latents
-
-    return hook

@@ -1,1 +1,0 @@
-"""Evaluation of the bundled demo model (``python -m ldm.eval demo``)."""

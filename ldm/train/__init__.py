@@ -1,1 +1,0 @@
-"""Training code for the bundled demo model (``python -m ldm.train demo``)."""
