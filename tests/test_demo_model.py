@@ -2,7 +2,7 @@
 
 World/classifier tests are pure numpy and instant; the model tests load the shipped
 weights with diffusers' own StableDiffusionPipeline (offline) and run a small version
-of `python -m ldm.eval demo`.
+of `python -m ldm_tools.eval demo`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ldm.train import world as W
+from ldm_tools.train import world as W
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "weights" / "demo"
@@ -108,7 +108,7 @@ FLOOR_HELD = {"bg": 0.75, "obj": 0.6, "shape": 0.5}
 @pytest.fixture(scope="module")
 def sd_pipe():
     if not (DEMO / "model_index.json").exists():
-        pytest.fail("weights/demo is missing: run `python -m ldm.train demo --out weights/demo`")
+        pytest.fail("weights/demo is missing: run `python -m ldm_tools.train demo --out weights/demo`")
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(DEMO), local_files_only=True)
@@ -139,7 +139,7 @@ def test_demo_loads_offline_with_diffusers(sd_pipe):
 
 
 def test_demo_follows_prompts(sd_pipe):
-    from ldm.eval.demo import evaluate_txt2img
+    from ldm_tools.eval.demo import evaluate_txt2img
 
     rng = np.random.default_rng(0)
     seen = W.train_combos()
@@ -158,7 +158,7 @@ def test_demo_follows_prompts(sd_pipe):
 def test_eval_generate_matches_between_backends(sd_pipe):
     """The eval's generation helper gives the same picture through ldm.load and diffusers."""
     import ldm
-    from ldm.eval.demo import generate
+    from ldm_tools.eval.demo import generate
 
     if not hasattr(ldm, "load"):
         pytest.skip("ldm.load not available")

@@ -1,0 +1,125 @@
+"""Measurements: peak memory, machine description, matmul peak, U-Net FLOPs."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+# ---- memory ----------------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int | None:
+    kb = _status_kb("VmRSS")
+    return None if kb is None else kb * 1024
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak-memory window: VmHWM on Linux (clear_refs 5), the allocator's peak on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # peak then covers the whole process lifetime; the report says "process peak"
+
+
+def peak_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    kb = _status_kb("VmHWM")
+    return None if kb is None else kb * 1024
+
+
+# ---- machine ---------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def machine(device: torch.device) -> dict[str, str]:
+    from ldm.devices import cpu_has_native_bf16
+
+    info = {
+        "CPU": cpu_model(),
+        "cores visible": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "CPU capability": torch.backends.cpu.get_cpu_capability(),
+        "native bf16": str(cpu_has_native_bf16()),
+        "load average at start (1/5/15 min)": load_average(),
+    }
+    if device.type == "cuda":
+        info["GPU"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ---- throughput ------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 4096, seconds: float = 3.0) -> float:
+    """Best sustained FLOP/s of an n x n matmul in `dtype`: the practical ceiling for that dtype here."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # first call: kernel selection, packing buffers
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def unet_flops(unet, sample: torch.Tensor, t, embeds: torch.Tensor) -> int:
+    """FLOPs of one U-Net forward. PyTorch's counter has no formula for the CPU flash-attention
+    kernel, so one is registered here (else attention, a large share at 512 px, counts as zero)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    extra = {}
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None:
+        extra[op] = _sdpa_flops
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=extra) as counter:
+        unet(sample, t, encoder_hidden_states=embeds, return_dict=False)
+    return counter.get_total_flops()

@@ -1,0 +1,77 @@
+"""Random SD-1.5-shaped components, built once (seeded) and cached as a diffusers folder."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+# SD 1.5's scheduler config (v1-inference.yaml), as diffusers ships it.
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "trained_betas": None, "clip_sample": False,
+}
+
+
+def unet(seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ).eval()
+
+
+def vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+    ).eval()
+
+
+def text_encoder(seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    return CLIPTextModel(cfg).eval()
+
+
+def ensure_sd15_folder(folder: Path, tokenizer: Path, seed: int = 0) -> Path:
+    """The cached folder, built on first use (~4 GB, a minute or two). A marker file written last
+    means a half-written folder from an interrupted build is rebuilt, not loaded."""
+    done = folder / ".complete"
+    if done.exists():
+        return folder
+    if not (tokenizer / "vocab.json").exists():
+        raise FileNotFoundError(f"CLIP tokenizer not found at {tokenizer}; see tools/build_clip_tokenizer.py")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shutil.copytree(tokenizer, folder / "tokenizer")
+    for name, build in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
+        build(seed).save_pretrained(folder / name, safe_serialization=True)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
+    index = {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False,
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+    done.write_text(f"seed {seed}\n")
+    return folder

@@ -1,0 +1,1 @@
+"""Evaluation of the bundled demo model (``python -m ldm_tools.eval demo``)."""
