@@ -23,11 +23,11 @@ __all__ = [
     "MaskedContent",
     "normalize_mask",
     "is_full",
+    "require_mask",
     "blur_mask",
     "mask_bbox",
     "crop_region",
     "expand_to_aspect",
-    "fill_masked",
     "paste_back",
     "pad_for_outpaint",
 ]
@@ -54,7 +54,7 @@ class InpaintArea(str, Enum):
 class MaskedContent(str, Enum):
     """What the masked area starts from before denoising."""
 
-    FILL = "fill"  # colours of the surroundings (fill_masked)
+    FILL = "fill"  # colours of the surroundings (ldm.fill.fill_masked)
     ORIGINAL = "original"  # the original pixels
     LATENT_NOISE = "latent_noise"  # random noise in latent space
     LATENT_NOTHING = "latent_nothing"  # zeros in latent space
@@ -183,7 +183,7 @@ def normalize_mask(mask: Any, size: tuple[int, int], *, invert: bool = False) ->
 # --------------------------------------------------------------------------
 
 
-def _require_mask(mask: Any, what: str = "mask") -> Image.Image:
+def require_mask(mask: Any, what: str = "mask") -> Image.Image:
     if not isinstance(mask, Image.Image):
         raise ValueError(f"{what} must be a PIL image of mode 'L'; got {type(mask).__name__}")
     if mask.mode == "1":
@@ -195,7 +195,7 @@ def _require_mask(mask: Any, what: str = "mask") -> Image.Image:
 
 def is_full(mask: Image.Image) -> bool:
     """True when every pixel is 255 (the whole image is repainted: plain img2img)."""
-    return _require_mask(mask).getextrema() == (255, 255)
+    return require_mask(mask).getextrema() == (255, 255)
 
 
 def blur_mask(mask: Image.Image, radius: float) -> Image.Image:
@@ -207,7 +207,7 @@ def blur_mask(mask: Image.Image, radius: float) -> Image.Image:
     edge pixels, so a mask touching the border (outpainting) stays solid there.
     ``radius == 0`` returns an unchanged copy.
     """
-    mask = _require_mask(mask)
+    mask = require_mask(mask)
     if not isinstance(radius, numbers.Real) or isinstance(radius, bool) or not math.isfinite(radius) or radius < 0:
         raise ValueError(f"mask blur radius must be a number >= 0 (pixels); got {radius!r}")
     if radius == 0:
@@ -217,7 +217,7 @@ def blur_mask(mask: Image.Image, radius: float) -> Image.Image:
 
 def mask_bbox(mask: Image.Image) -> Region:
     """(x0, y0, x1, y1), exclusive ends, of the pixels > 0."""
-    bbox = _require_mask(mask).getbbox()
+    bbox = require_mask(mask).getbbox()
     if bbox is None:
         raise ValueError(_NOTHING_SELECTED)
     return bbox
@@ -283,88 +283,6 @@ def expand_to_aspect(region: Region, target_w: int, target_h: int, image_w: int,
 
 
 # --------------------------------------------------------------------------
-# masked content: fill
-# --------------------------------------------------------------------------
-
-
-def _upsample(values: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear upsampling of an HxWxC float array (via PIL "F" images, per channel)."""
-    channels = [
-        np.asarray(
-            Image.fromarray(np.ascontiguousarray(values[..., c], dtype=np.float32)).resize(
-                (width, height), Image.Resampling.BILINEAR
-            )
-        )
-        for c in range(values.shape[2])
-    ]
-    return np.stack(channels, axis=2)
-
-
-def _push_pull(colour: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Pyramid fill ("push-pull"): estimate every pixel from the known ones.
-
-    colour is HxWxC, weight HxW in [0, 1] (1 = known). Each level halves the
-    resolution by weighted 2x2 averaging (pull) until everything is covered,
-    then the coarse estimates are bilinearly upsampled and blended under the
-    unknown pixels (push). Holes thus get the colours of their nearest
-    surroundings, smoothly, in O(pixels) whatever the hole size. Returns the
-    pure estimate field (known pixels get a locally smoothed value; callers
-    composite the originals back).
-    """
-    height, width = weight.shape
-    # Pad to even size with zero weight so 2x2 blocks are well defined.
-    ph, pw = height + height % 2, width + width % 2
-    c = np.zeros((ph, pw, colour.shape[2]), dtype=np.float32)
-    w = np.zeros((ph, pw), dtype=np.float32)
-    c[:height, :width] = colour * weight[..., None]
-    w[:height, :width] = weight
-    w_sum = w.reshape(ph // 2, 2, pw // 2, 2).sum(axis=(1, 3))
-    c_sum = c.reshape(ph // 2, 2, pw // 2, 2, -1).sum(axis=(1, 3))
-    coarse_colour = c_sum / np.maximum(w_sum, 1e-12)[..., None]
-    # Saturating weight: one fully known child makes the coarse pixel fully known.
-    coarse_weight = np.minimum(w_sum, 1.0)
-    if coarse_weight.min() < 1.0 and coarse_weight.size > 1:
-        coarse = _push_pull(coarse_colour, coarse_weight)
-        coarse = coarse_weight[..., None] * coarse_colour + (1.0 - coarse_weight[..., None]) * coarse
-    else:
-        coarse = coarse_colour
-    return _upsample(coarse, ph, pw)[:height, :width]
-
-
-def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """A1111 "fill": replace the masked area by a smooth fill of the surrounding colours.
-
-    Pixels where mask == 0 are returned unchanged (bit-exact); where mask == 255
-    they are the fill; soft mask values blend the two. Unmasked pixels are the
-    colour sources, weighted by (255 - mask). If nothing is unmasked there are
-    no surroundings, so the fill is the image's mean colour. The result keeps the
-    image's mode for L/RGB/RGBA, other modes become RGB.
-    """
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"image must be a PIL image; got {type(image).__name__}")
-    mask = _require_mask(mask)
-    if mask.size != image.size:
-        raise ValueError(
-            f"mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; "
-            "normalize the mask to the image size first"
-        )
-    if image.mode not in ("L", "RGB", "RGBA"):
-        image = to_8bit(image).convert("RGB")
-
-    pixels = np.asarray(image, dtype=np.float32)
-    if pixels.ndim == 2:
-        pixels = pixels[..., None]
-    known = 1.0 - np.asarray(mask, dtype=np.float32) / np.float32(255.0)
-    if known.max() <= 0.0:
-        fill = np.broadcast_to(pixels.mean(axis=(0, 1)), pixels.shape)
-    else:
-        fill = _push_pull(pixels, known)
-    fill_u8 = np.clip(np.rint(fill), 0, 255).astype(np.uint8)
-    fill_image = Image.fromarray(fill_u8[..., 0] if fill_u8.shape[2] == 1 else fill_u8)
-    return Image.composite(fill_image, image, mask)
-
-
-# --------------------------------------------------------------------------
 # compositing and outpainting
 # --------------------------------------------------------------------------
 
@@ -385,7 +303,7 @@ def paste_back(
     for name, value in (("original", original), ("generated", generated)):
         if not isinstance(value, Image.Image):
             raise ValueError(f"{name} must be a PIL image; got {type(value).__name__}")
-    mask = _require_mask(mask)
+    mask = require_mask(mask)
     if mask.size != original.size:
         raise ValueError(
             f"mask is {mask.width}x{mask.height} but the original is "

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm.fill import fill_masked
 from ldm.masks import (
     InpaintArea,
     MaskedContent,
     blur_mask,
     crop_region,
     expand_to_aspect,
-    fill_masked,
     is_full,
     mask_bbox,
     normalize_mask,

@@ -29,6 +29,7 @@ from ..components import ModelKind
 from ..denoise import Extension, StepCallback
 from ..engine import Model, Result, Start, StartFn, params_for, run, size_from_image, strength_slice
 from ..extensions import KnownAreaBlend, UNetInputs
+from ..fill import fill_masked
 from ..latents import encode, seeded_noise
 from ..masks import (
     InpaintArea,
@@ -37,7 +38,6 @@ from ..masks import (
     blur_mask,
     crop_region,
     expand_to_aspect,
-    fill_masked,
     normalize_mask,
     pad_for_outpaint,
     paste_back,
