@@ -26,7 +26,7 @@ from .accel import Accel
 from .components import Components, ModelKind
 from .denoise import DenoiseInputs, Extension, StepCallback, denoise
 from .faults import guard_out_of_memory
-from .family import family_for
+from .family import ModelFamily, family_for
 from .latents import decode, generators, vae_scale_factor
 from .metadata import format_infotext
 from .options import Options
@@ -63,11 +63,12 @@ class Model:
     its own scheduler and generators), but run one call at a time per model: the fp16 VAE NaN retry
     briefly upcasts the shared VAE. Different models may run concurrently."""
 
-    def __init__(self, components: Components, options: Options | None = None, accel: Accel | None = None):
+    def __init__(self, components: Components, options: Options | None = None, accel: Accel | None = None,
+                 family: ModelFamily | None = None):
         self.components = components
         self.options = (options or Options()).validate()
         self.accel = accel or Accel(device=components.unet.device)  # what ldm.load applied
-        self.family = family_for(components)
+        self.family = family or family_for(components)
         self.vae_scale_factor = vae_scale_factor(components.vae)
         self.limits = Limits(
             size_step=math.lcm(8, self.vae_scale_factor),

@@ -4,13 +4,15 @@ A family owns the text encoders and how a prompt becomes conditioning (the cross
 embeddings, plus any loop extensions the family's U-Net needs, e.g. SDXL's pooled embeddings and
 time ids), the default image size, and the limits its encoders impose (clip skip depth, tokens).
 
-Adding a family: write a class with the members of `SDFamily` below, return it from `family_for`
-for the components it recognises, and the engine, every task and the UI work with it unchanged.
+Adding a family: write a class with the members of `ModelFamily` (often a subclass of `SDFamily`),
+return it from `family_for` for the components it recognises, and the engine, every task and the UI
+work with it unchanged (docs/architecture.md has a worked example).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -29,6 +31,18 @@ class Conditioning:
     cond: torch.Tensor
     uncond: torch.Tensor | None
     extensions: Sequence[Extension] = field(default_factory=tuple)  # what the family's U-Net needs besides
+
+
+class ModelFamily(Protocol):
+    """What the engine asks of a family."""
+
+    name: str
+    default_size: int  # native width/height in pixels
+    max_clip_skip: int  # the text encoder's depth
+
+    def token_count(self, text: str) -> int: ...
+
+    def encode(self, p: GenerationParams) -> Conditioning: ...
 
 
 class SDFamily:
@@ -53,6 +67,6 @@ class SDFamily:
         return Conditioning(cond.repeat(b, 1, 1), None if uncond is None else uncond.repeat(b, 1, 1))
 
 
-def family_for(components: Components) -> SDFamily:
+def family_for(components: Components) -> ModelFamily:
     """The family of loaded components (today every supported model is SD 1.x/2.x-shaped)."""
     return SDFamily(components)
