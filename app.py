@@ -1,23 +1,26 @@
 """Web UI: `python app.py` -> http://127.0.0.1:7860
 
-Flags parse first (fast `--help`), then the pipelines load once, the UI is built and launched.
+Flags parse first, then the pipelines load once, the UI is built and launched. The flags' choices
+are ldm's own lists (`ldm.ATTENTION`, `ldm.OFFLOAD`), and the model options go to `ldm.load` as one
+`ldm.Options`.
 Every flag also reads a default from an environment variable LDM_<FLAG> (LDM_MODEL, LDM_AUTH,
 LDM_HOST, ...), which is how the Docker image is configured.
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import os
 import sys
 from pathlib import Path
 
+import ldm
+from ui import state
+from ui.tempfiles import private_temp_dir, start_sweeper
+
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "weights" / "demo"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-log = logging.getLogger("app")
 
 
 def env(name: str, default=None):
@@ -29,6 +32,10 @@ def env_flag(name: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Text-to-image web UI (ldm + Gradio).")
     p.add_argument("--model", default=env("MODEL", str(DEFAULT_MODEL)), help="diffusers folder or hub id of the base model (default: weights/demo)")
     p.add_argument("--inpaint-model", default=env("INPAINT_MODEL"), help="optional 9-channel inpainting model")
@@ -37,9 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=int(env("PORT", 7860)))
     p.add_argument("--device", default=env("DEVICE"), help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=env("DTYPE"), help="auto, float32, float16, bfloat16 (default auto: fp16 on cuda; bf16 U-Net + fp32 VAE on CPUs with native bf16; else fp32)")
-    p.add_argument("--attention", choices=("auto", "sdpa", "xformers", "chunked"), default=env("ATTENTION", "auto"),
+    p.add_argument("--attention", choices=ldm.ATTENTION, default=env("ATTENTION", "auto"),
                    help="attention kernel: auto = xformers on CUDA when it works, chunked for a bf16 U-Net on CPU, else sdpa")
-    p.add_argument("--offload", choices=("none", "model", "sequential"), default=env("OFFLOAD", "none"),
+    p.add_argument("--offload", choices=ldm.OFFLOAD, default=env("OFFLOAD", "none"),
                    help="GPU only: move idle parts to the CPU to save VRAM")
     p.add_argument("--vae-tiling", action="store_true", default=env_flag("VAE_TILING"), help="decode large images in tiles")
     p.add_argument("--auth", default=env("AUTH"), help="user:pass (several: comma-separated)")
@@ -52,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-max-age", type=float, default=float(env("CACHE_MAX_AGE", 3600)),
                    help="seconds to keep uploads and temporary results (default 3600; 0 = until exit)")
     p.add_argument("--share", action="store_true", default=env_flag("SHARE"), help="public gradio.live link (off)")
-    return p.parse_args(argv)
+    return p
 
 
 def read_auth(auth: str | None, auth_file: str | None) -> list[tuple[str, str]]:
@@ -81,43 +88,33 @@ def warn_if_open(host: str, auth: list, share: bool) -> None:
               f"!! (or LDM_AUTH) unless something in front of it handles access.\n{bar}\n", file=sys.stderr, flush=True)
 
 
-def load_pipelines(args: argparse.Namespace):
-    import ldm
-    from ui.handlers import Pipes
+def model_options(args: argparse.Namespace) -> ldm.Options:
+    """The flags that configure a loaded model, as the one object ldm.load takes."""
+    return ldm.Options(max_size=args.max_size, vae_tiling=args.vae_tiling, attention=args.attention,
+                       offload=args.offload).validate()
 
-    def load(model: str | None):
-        if not model:
-            return None
-        kwargs = {"device": args.device, "dtype": args.dtype, "max_size": args.max_size}
-        # GPU options go to ldm.load when this build takes them; otherwise they are reported, not faked.
-        accepted = inspect.signature(ldm.load).parameters
-        for name, value, off in (("attention", args.attention, "auto"), ("offload", args.offload, "none")):
-            if name in accepted:
-                kwargs[name] = value
-            elif value != off:
-                log.warning("--%s %s: not supported by this ldm build; ignored", name, value)
-        print(f"loading {model} ...", flush=True)
-        pipe = ldm.load(model, **kwargs)
-        if args.vae_tiling:
-            if hasattr(pipe, "vae_tiling"):
-                pipe.vae_tiling = True
-            else:
-                log.warning("--vae-tiling: not supported by this ldm build; ignored")
-        return pipe
 
+def load_model(model: str | None, args: argparse.Namespace):
+    """One pipeline with the app's device, dtype and options; None for no model. A model or option
+    that ldm refuses (ModelLoadError, xformers on a CPU, ...) exits with its message, not a traceback."""
+    if not model:
+        return None
+    print(f"loading {model} ...", flush=True)
+    try:
+        return ldm.load(model, device=args.device, dtype=args.dtype, options=model_options(args))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def load_pipelines(args: argparse.Namespace) -> state.Pipes:
     if Path(args.model) == DEFAULT_MODEL and not DEFAULT_MODEL.exists():
         raise SystemExit(f"error: the demo model {DEFAULT_MODEL} is not there yet; pass --model")
-    try:
-        return Pipes(load(args.model), load(args.inpaint_model), load(args.upscale_model))
-    except ValueError as exc:  # ModelLoadError and bad option combinations: a message, not a traceback
-        raise SystemExit(f"error: {exc}") from None
+    return state.Pipes(load_model(args.model, args), load_model(args.inpaint_model, args), load_model(args.upscale_model, args))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ui.security import private_temp_dir, start_sweeper
-
     # Before gradio is imported: uploads and cached results go to a folder of this app's own.
     temp_dir = private_temp_dir()
     os.environ["GRADIO_TEMP_DIR"] = str(temp_dir)
@@ -125,13 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     warn_if_open(args.host, auth, args.share)
     pipes = load_pipelines(args)
 
-    from ui.handlers import Options
+    # Gradio is imported only now, after GRADIO_TEMP_DIR is set: it reads the variable at import.
     from ui.layout import build
     from ui.security import launch_kwargs
 
     outputs = None if args.no_save else Path(args.outputs).resolve()
-    options = Options(outputs=outputs, max_upload_mb=args.max_upload_mb, queue_size=args.queue_size,
-                      cache_max_age=args.cache_max_age)
+    options = state.Options(outputs=outputs, max_upload_mb=args.max_upload_mb, queue_size=args.queue_size,
+                            cache_max_age=args.cache_max_age)
     demo = build(pipes, options)
     start_sweeper(temp_dir, args.cache_max_age)
     demo.launch(

@@ -74,7 +74,7 @@ class WebApp:
 def launch_web_app(tmp_path_factory):
     """launch_web_app(pipes, auth=[("u", "p")], **Options fields) -> WebApp; all closed after the module."""
     from ui import build
-    from ui.handlers import Options
+    from ui.state import Options
     from ui.security import launch_kwargs
 
     apps = []

@@ -31,7 +31,7 @@ playwright_api = pytest.importorskip("playwright.sync_api", reason="browser test
 def url(base_pipe, tmp_path_factory):
     import ldm
     from ui import build
-    from ui.handlers import Options, Pipes
+    from ui.state import Options, Pipes
 
     # The demo model makes a screenshot worth showing; the tiny one only proves the wiring.
     pipe = ldm.load(DEMO, device="cpu", dtype="float32") if (DEMO / "model_index.json").exists() else base_pipe

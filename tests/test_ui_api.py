@@ -24,7 +24,7 @@ pytest.importorskip("gradio_client")
 def server(base_pipe, tmp_path_factory):
     import ldm
     from ui import build
-    from ui.handlers import Options, Pipes
+    from ui.state import Options, Pipes
 
     upscaler = ldm.load(tiny.save_upscaler(tmp_path_factory.mktemp("tiny-x4-api")), device="cpu", dtype="float32")
     outputs = tmp_path_factory.mktemp("api-outputs")

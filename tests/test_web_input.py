@@ -37,7 +37,7 @@ def pipe(base_model):
 
 @pytest.fixture(scope="module")
 def web(launch_web_app, pipe):
-    from ui.handlers import Pipes
+    from ui.state import Pipes
 
     return launch_web_app(Pipes(pipe), preview_every=0, max_upload_mb=1, abandon_after=10)
 
@@ -138,7 +138,7 @@ def test_cfg_nan_and_infinity_sent_raw(web, client, model_calls, value):
 
 def test_wrong_types_are_refused_with_a_clear_message(client, model_calls):
     """A string or null where a number belongs fails in Gradio's own input check; the message names
-    the field (ui.layout.readable_errors) and the server carries on."""
+    the field (ui.gradio_compat.readable_errors) and the server carries on."""
     for bad, field in (({"width": EVIL}, "Width"), ({"steps": None}, "Sampling steps"), ({"seed": "1; rm -rf /"}, "Seed"),
                        ({"batch_size": [1, 2]}, "Batch size")):
         message = refused(client, **{"prompt": "x", "steps": 1, **bad})
@@ -274,10 +274,10 @@ def test_upload_over_the_limit_is_refused_by_gradio_and_by_load_image(web, clien
         urllib.request.urlopen(req, timeout=30)
     assert http_err.value.code == 413
     # The handlers check the same limit again (a file reaching them by another route).
-    from ui import handlers as h
+    from ui import convert
 
     with pytest.raises(ValueError, match="the limit is 1 MB"):
-        h.load_upload(web.ctx, str(big))
+        convert.load_upload(web.ctx, str(big))
     ok(client)
 
 
@@ -331,7 +331,7 @@ def test_png_info_shows_html_as_text(client, tmp_path):
 
 @pytest.mark.parametrize("size, compressed", [(1_000_000, False), (1_000_000, True), (3_000_000, True)])
 def test_png_info_of_huge_parameters_is_truncated(client, tmp_path, size, compressed):
-    from ui.handlers import MAX_INFOTEXT_CHARS
+    from ui.tasks import MAX_INFOTEXT_CHARS
 
     text = ("<b>x</b> " * (size // 9 + 1))[:size]
     path = png_with_parameters(tmp_path / "big.png", text, compressed)
@@ -357,13 +357,13 @@ def wait_for(predicate, timeout: float, what: str):
 
 def test_stop_ends_a_run_within_one_step(web, pipe):
     """The Stop button's path: the session's cancel flag is set; the model makes at most one more step."""
-    from ui import handlers as h
+    from ui import streaming, tasks
 
     steps = []
-    gen = h.txt2img(web.ctx, prompt="x", steps=200, width=32, height=32, seed=1, sampler="Euler", session="stopper")
+    gen = tasks.txt2img(web.ctx, prompt="x", steps=200, width=32, height=32, seed=1, sampler="Euler", session="stopper")
     out = None
     for item in gen:
-        if isinstance(item, h.Step):
+        if isinstance(item, streaming.Step):
             steps.append(item.step)
             if item.step == 3:
                 assert web.ctx.jobs.cancel("stopper") == 1
@@ -411,13 +411,13 @@ def test_cancelling_a_queued_job_removes_only_that_job(web, client):
 def test_stop_flags_are_per_session(web):
     """Two sessions running at once (handler level, as the queue would with more workers): Stop in one
     leaves the other alone."""
-    from ui import handlers as h
+    from ui import streaming, tasks
 
     results = {}
 
     def run(session):
-        results[session] = h.run(h.txt2img(web.ctx, prompt=session, steps=60, width=32, height=32, seed=1,
-                                           sampler="Euler", session=session))
+        results[session] = streaming.run(tasks.txt2img(web.ctx, prompt=session, steps=60, width=32, height=32,
+                                                       seed=1, sampler="Euler", session=session))
 
     threads = [threading.Thread(target=run, args=(s,)) for s in ("alice", "bob")]
     for t in threads:
@@ -435,7 +435,7 @@ def test_stop_flags_are_per_session(web):
 
 def test_disk_full_still_returns_the_image_with_a_warning(web, client, monkeypatch):
     from ldm import metadata
-    from ui import handlers as h
+    from ui import streaming, tasks
 
     real_save = metadata.save_png
     outputs = Path(web.outputs).resolve()
@@ -447,7 +447,7 @@ def test_disk_full_still_returns_the_image_with_a_warning(web, client, monkeypat
 
     before = sorted(outputs.rglob("*.png"))
     monkeypatch.setattr(metadata, "save_png", full)
-    out = h.run(h.txt2img(web.ctx, prompt="full disk", steps=1, width=32, height=32, seed=4))
+    out = streaming.run(tasks.txt2img(web.ctx, prompt="full disk", steps=1, width=32, height=32, seed=4))
     assert len(out.images) == 1 and "No space left on device" in out.warnings[0] and "only in this page" in out.warnings[0]
     gallery, info, _, status = client.predict(prompt="full disk", steps=1, seed=4, api_name="/txt2img")
     assert status.startswith("Done")
@@ -469,7 +469,7 @@ def test_disk_full_still_returns_the_image_with_a_warning(web, client, monkeypat
 
 def test_two_apps_on_two_models_at_once_each_get_their_own_result(launch_web_app, tmp_path_factory):
     import ldm
-    from ui.handlers import Pipes
+    from ui.state import Pipes
 
     pipes = [ldm.load(tiny.save_model(tmp_path_factory.mktemp(f"model-{s}"), unet_model=tiny.unet(seed=s)),
                       device="cpu", dtype="float32") for s in (11, 12)]
@@ -498,9 +498,9 @@ def test_temp_pngs_are_pruned_with_no_save(base_pipe, tmp_path, monkeypatch):
     """--no-save (or unwritable outputs) puts every image in a temp folder; old ones are deleted."""
     import os
 
-    from ui import handlers as h
+    from ui import saving
 
-    saver = h.Saver(None, temp_max_age=60)
+    saver = saving.Saver(None, temp_max_age=60)
     image = Image.new("RGB", (8, 8))
     first, _ = saver.save(image, "a\nSteps: 1", seed=1, prompt="a", task="txt2img")
     old = time.time() - 3600

@@ -60,7 +60,7 @@ def concrete(path: str) -> str:
 
 @pytest.fixture(scope="module")
 def authed(launch_web_app, base_pipe):
-    from ui.handlers import Pipes
+    from ui.state import Pipes
 
     app = launch_web_app(Pipes(base_pipe), auth=[(USER, PASSWORD)], preview_every=0)
     (app.outputs / "txt2img").mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def authed(launch_web_app, base_pipe):
 
 @pytest.fixture(scope="module")
 def open_app(launch_web_app, base_pipe):
-    from ui.handlers import Pipes
+    from ui.state import Pipes
 
     return launch_web_app(Pipes(base_pipe), preview_every=0)
 
@@ -233,7 +233,7 @@ def test_app_py_passes_its_limits_to_launch(monkeypatch, tmp_path):
 
 
 def test_sweep_deletes_old_temp_files_only(tmp_path):
-    from ui.security import sweep
+    from ui.tempfiles import sweep
 
     old_dir = tmp_path / "abc"
     old_dir.mkdir()

@@ -6,7 +6,7 @@ from the wheel (no open_clip import, no runtime dependency) and writes the Huggi
 `CLIPTokenizer` layout used by Stable Diffusion 1.x (`<|endoftext|>` as pad token).
 
     pip download --no-deps open_clip_torch -d /tmp/oc
-    python tools/build_clip_tokenizer.py /tmp/oc/open_clip_torch-*.whl weights/clip-tokenizer
+    python tools/build_clip_tokenizer.py /tmp/oc/open_clip_torch-*.whl ldm/configs/clip-tokenizer
 """
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""The Gradio web UI. `build(pipes, options)` returns the Blocks; app.py loads models and launches."""
+"""The Gradio web UI. `build(pipes, options)` returns the Blocks; app.py loads models and launches.
+
+Modules: `state` (Pipes, Options, Context), `tasks` (the handlers, no Gradio), `streaming`, `jobs`,
+`saving`, `convert`, `editor`, `choices`; `widgets`, `endpoints`, `layout` (the Blocks);
+`gradio_compat` (every patch of Gradio); `security` and `tempfiles` (serving).
+"""
 from __future__ import annotations
 
 

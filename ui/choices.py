@@ -1,6 +1,13 @@
-"""Dropdown choices and defaults shared by the layout and the handlers (no widgets here)."""
+"""Dropdown choices and defaults shared by the layout and the handlers (no widgets here).
+
+Every list that ldm also knows is read from ldm, never copied: samplers and schedules from
+`ldm.samplers`, resize methods from `ldm.RESAMPLERS`, inpaint options from `ldm.masks`. Ranges that
+depend on the loaded model (sizes, batch, clip skip, noise level) come from the pipeline itself
+(`pipe.limits`, `pipe.max_noise_level`) where the widgets are built.
+"""
 from __future__ import annotations
 
+import ldm
 from ldm import samplers
 from ldm.masks import InpaintArea, MaskedContent
 
@@ -15,9 +22,8 @@ MASKED_CONTENT: list[tuple[str, str]] = [
 
 UPSCALE_X4 = "x4 model"
 UPSCALE_HIRES = "hires fix"
-RESIZE_METHODS = ("lanczos", "bicubic", "nearest")  # plain resizes by ldm.upscale_image
+RESIZE_METHODS: tuple[str, ...] = tuple(ldm.RESAMPLERS)  # plain resizes by ldm.upscale_image
 UPSCALE_METHODS: list[str] = [UPSCALE_X4, UPSCALE_HIRES, *RESIZE_METHODS]
-HIRES_UPSCALERS = ("latent", "lanczos")
 
 
 def samplers_list() -> list[str]:

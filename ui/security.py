@@ -10,25 +10,21 @@ not a plain image: `Content-Disposition: attachment`, `application/octet-stream`
 `X-Content-Type-Options: nosniff` everywhere.
 
 `launch_kwargs(...)` is what app.py (and the tests) pass to `demo.launch()`, so the settings that
-matter for safety live in one place.
+matter for safety live in one place. What the gate knows of Gradio's internals (its session cookies,
+its login page) is in `ui.gradio_compat`; the upload folder's sweeper is in `ui.tempfiles`.
 """
 from __future__ import annotations
 
 import json
-import logging
-import os
-import re
-import tempfile
-import threading
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from starlette.middleware import Middleware
 
+from . import gradio_compat
+
 MIB = 1024 * 1024
-log = logging.getLogger(__name__)
 
 # What an unauthenticated browser needs to show the login form and log in: the page itself, the
 # login POST, and static files (the Svelte bundle, fonts, theme, icons). None of these carries the
@@ -47,43 +43,6 @@ def is_public(path: str) -> bool:
     return path in PUBLIC_EXACT or path.startswith(PUBLIC_PREFIXES)
 
 
-def _cookies(scope: dict) -> dict[str, str]:
-    """name -> value from the Cookie headers. Parsed by hand: http.cookies gives up on the whole
-    header at the first cookie it dislikes (another app's on the same host), which would log users out."""
-    jar: dict[str, str] = {}
-    for key, value in scope.get("headers", ()):
-        if key != b"cookie":
-            continue
-        for part in value.decode("latin-1").split(";"):
-            name, sep, val = part.strip().partition("=")
-            if sep and name and name not in jar:
-                jar[name] = val.strip().strip('"')
-    return jar
-
-
-def session_user(app: Any, scope: dict) -> str | None:
-    """The user of the request's Gradio session cookie, or None (same cookies Gradio sets at /login)."""
-    tokens = getattr(app, "tokens", None) or {}
-    cookie_id = getattr(app, "cookie_id", None)
-    if not cookie_id:
-        return None
-    jar = _cookies(scope)
-    for name in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
-        token = jar.get(name)
-        if token and token in tokens:
-            return tokens[token]
-    return None
-
-
-def _starting(app: Any, path: str) -> bool:
-    """launch() itself calls /gradio_api/startup-events once, without a session, to start the queue."""
-    return path == "/gradio_api/startup-events" and not getattr(app, "startup_events_triggered", True)
-
-
-def auth_enabled(app: Any) -> bool:
-    return getattr(app, "auth", None) is not None
-
-
 class AccessGate:
     """ASGI middleware for the Gradio app (installed through `launch(app_kwargs=...)`).
 
@@ -99,16 +58,16 @@ class AccessGate:
             return await self.app(scope, receive, send)
         gradio_app = scope.get("app")
         path = scope.get("path", "")
-        if (gradio_app is not None and auth_enabled(gradio_app) and getattr(gradio_app, "auth_dependency", None) is None
-                and not is_public(path) and not _starting(gradio_app, path) and session_user(gradio_app, scope) is None):
+        if (gradio_app is not None and gradio_compat.auth_enabled(gradio_app) and not gradio_compat.custom_auth(gradio_app)
+                and not is_public(path) and not gradio_compat.starting(gradio_app, path)
+                and gradio_compat.session_user(gradio_app, scope) is None):
             return await self._refuse(scope, send)
         if scope["type"] == "websocket":
             return await self.app(scope, receive, send)
-        if (path == "/" and gradio_app is not None and auth_enabled(gradio_app)
-                and session_user(gradio_app, scope) is None):
-            # Gradio 6.31 embeds the whole API description (endpoints, parameters, choices, code
-            # samples) in the login page; /gradio_api/info itself needs a session.
-            send = _rewrite_body(send, _strip_api_info)
+        if (path == "/" and gradio_app is not None and gradio_compat.auth_enabled(gradio_app)
+                and gradio_compat.session_user(gradio_app, scope) is None):
+            # The login page must not carry the API description (see ui.gradio_compat.strip_api_info).
+            send = _rewrite_body(send, gradio_compat.strip_api_info)
         file_route = path.startswith(FILE_ROUTES)
 
         async def send_hardened(message) -> None:
@@ -130,14 +89,6 @@ class AccessGate:
             (b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"),
         ]})
         await send({"type": "http.response.body", "body": body})
-
-
-_API_INFO = re.compile(rb"<script>\s*window\.gradio_api_info\s*=.*?</script>", re.DOTALL)
-EMPTY_API_INFO = b'<script>window.gradio_api_info = {"named_endpoints": {}, "unnamed_endpoints": {}};</script>'
-
-
-def _strip_api_info(body: bytes) -> bytes:
-    return _API_INFO.sub(lambda _: EMPTY_API_INFO, body)
 
 
 def _rewrite_body(send, rewrite):
@@ -204,59 +155,3 @@ def launch_kwargs(*, auth: Sequence[tuple[str, str]] | None, max_upload_mb: floa
         "mcp_server": False,
         "show_error": False,  # tracebacks stay in the server log; our own messages are gr.Error (escaped)
     }
-
-
-# ---- temp files ---------------------------------------------------------------------------------
-
-
-def sweep(folder: Path, max_age: float) -> int:
-    """Delete files under `folder` not modified for `max_age` seconds, then the empty folders; -> count.
-
-    Gradio's own `delete_cache` only knows files it tracked (not uploads that failed a check), and
-    in one load-test run its background task stopped cleaning altogether; it iterates sets that
-    request threads add to, which can end it with "Set changed size during iteration", unlogged.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    cutoff = time.time() - max_age
-    removed = 0
-    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        try:
-            if path.is_symlink() or path.is_file():
-                if path.lstat().st_mtime < cutoff:
-                    path.unlink()
-                    removed += 1
-            elif path.is_dir() and not any(path.iterdir()) and path.stat().st_mtime < cutoff:
-                path.rmdir()
-        except OSError:
-            pass  # in use, already gone, not ours to delete
-    return removed
-
-
-def start_sweeper(folder: Path, max_age: float) -> threading.Thread | None:
-    """A daemon thread running `sweep` every half of max_age (at most every 10 min); None when off."""
-    if not max_age or max_age <= 0:
-        return None
-    every = max(1.0, min(max_age / 2, 600.0))
-
-    def loop() -> None:
-        while True:
-            time.sleep(every)
-            try:
-                sweep(folder, max_age)
-            except Exception:  # noqa: BLE001 - a sweep must never stop the sweeper
-                log.exception("cleaning %s failed", folder)
-
-    thread = threading.Thread(target=loop, daemon=True, name="ldm-temp-sweeper")
-    thread.start()
-    return thread
-
-
-def private_temp_dir() -> Path:
-    """Gradio's upload/cache folder for this app: GRADIO_TEMP_DIR if set, else a folder of our own
-    (not the shared <tmp>/gradio, whose other users' files the sweeper must not touch)."""
-    configured = os.environ.get("GRADIO_TEMP_DIR")
-    if configured:
-        return Path(configured)
-    return Path(tempfile.gettempdir()) / f"ldm-webui-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
