@@ -63,12 +63,7 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
     """
     if not isinstance(image, Image.Image):
         raise ValueError(f"image must be a PIL image; got {type(image).__name__}")
-    mask = require_mask(mask)
-    if mask.size != image.size:
-        raise ValueError(
-            f"mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; "
-            "normalize the mask to the image size first"
-        )
+    mask = require_mask(mask, covers=image)
     if image.mode not in ("L", "RGB", "RGBA"):
         image = to_8bit(image).convert("RGB")
 

@@ -183,7 +183,13 @@ def normalize_mask(mask: Any, size: tuple[int, int], *, invert: bool = False) ->
 # --------------------------------------------------------------------------
 
 
-def require_mask(mask: Any, what: str = "mask") -> Image.Image:
+def require_mask(mask: Any, what: str = "mask", *, covers: Image.Image | None = None) -> Image.Image:
+    """`mask` as an "L" image; with `covers`, also check it has that image's size."""
+    if covers is not None and isinstance(mask, Image.Image) and mask.size != covers.size:
+        raise ValueError(
+            f"{what} is {mask.width}x{mask.height} but the image is {covers.width}x{covers.height}; the mask must "
+            "cover the whole image: normalize the mask to the image size first"
+        )
     if not isinstance(mask, Image.Image):
         raise ValueError(f"{what} must be a PIL image of mode 'L'; got {type(mask).__name__}")
     if mask.mode == "1":
@@ -303,12 +309,7 @@ def paste_back(
     for name, value in (("original", original), ("generated", generated)):
         if not isinstance(value, Image.Image):
             raise ValueError(f"{name} must be a PIL image; got {type(value).__name__}")
-    mask = require_mask(mask)
-    if mask.size != original.size:
-        raise ValueError(
-            f"mask is {mask.width}x{mask.height} but the original is "
-            f"{original.width}x{original.height}; the mask must cover the whole image"
-        )
+    mask = require_mask(mask, covers=original)
     if region is None:
         region = (0, 0, original.width, original.height)
     x0, y0, x1, y1 = _check_region(region, original.width, original.height)
