@@ -86,6 +86,9 @@ def resolve(sampler: str, schedule: str | None = "Automatic") -> tuple[str, str]
 
     Raises ValueError naming the valid choices; never falls back to a default.
     """
+    for what, value in (("sampler", sampler), ("schedule type", schedule)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{what} must be a name (text), got {type(value).__name__} {value!r:.60}")
     schedule = schedule or "Automatic"
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule type {schedule!r}; choose one of: {', '.join(SCHEDULES)}")

@@ -61,3 +61,9 @@ def test_cfg_order_is_uncond_then_cond():
     out = apply_cfg(torch.cat([uncond, cond]), 7.5)
     assert torch.equal(out, torch.full((1, 4, 2, 2), 7.5))
     assert uses_cfg(1.01) and not uses_cfg(1.0) and not uses_cfg(0.5)
+
+
+@pytest.mark.parametrize("sampler, schedule", [(["Euler"], "Automatic"), ({"name": "Euler"}, "Automatic"), ("Euler", ["Karras"])])
+def test_names_that_are_not_text_are_readable_errors(sampler, schedule):
+    with pytest.raises(ValueError, match="must be a name"):
+        samplers.resolve(sampler, schedule)

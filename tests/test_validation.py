@@ -74,3 +74,25 @@ def test_wrong_kind_refused(tmp_path):
     assert pipe.kind is ldm.ModelKind.INPAINT
     with pytest.raises(ValueError, match="txt2img needs a base model"):
         pipe.txt2img("x")
+
+
+def test_a_huge_prompt_is_refused_before_tokenising(no_model_work, monkeypatch):
+    """A 1 MB prompt once took a minute and gigabytes: it is now refused by its length, untokenised."""
+    import time
+
+    calls = []
+    monkeypatch.setattr(no_model_work.family, "token_count", lambda text: calls.append(1) or 0)
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"prompt is 1,000,000 characters long; the limit is 19,200 \(and 1,200 tokens\)"):
+        no_model_work.txt2img("x" * 1_000_000, steps=2)
+    assert time.perf_counter() - started < 1.0 and calls == []
+
+
+def test_prompt_token_limit_counts_tokens_and_is_configurable(base_pipe):
+    long = ", ".join(["a red cube"] * 320)  # ~1,280 tokens of CLIP text, well under the character cap
+    n = base_pipe.family.token_count(long)
+    assert n > 1200
+    with pytest.raises(ValueError, match=f"prompt is {n:,} tokens long; the limit is 1,200 \\(16 chunks of 75 tokens\\)"):
+        base_pipe.txt2img(long, steps=1)
+    roomy = base_pipe.with_options(max_prompt_tokens=n)
+    assert roomy.txt2img(long, steps=1, width=32, height=32).images[0].size == (32, 32)
