@@ -1,0 +1,110 @@
+"""Handler -> Gradio function: the adapters that give `ui.tasks` handlers to Gradio events.
+
+Each keeps the handler's own parameter names (they become the API's), turns ValueErrors (and
+ldm's user-facing runtime errors) into escaped gr.Error messages, and for streaming handlers turns
+`Step`s and the final `Output` into values for a `Results` panel.
+"""
+from __future__ import annotations
+
+import html
+import inspect
+import time
+from collections.abc import Callable
+
+import gradio as gr
+
+import ldm
+
+from .state import Context
+from .streaming import Output, Step
+from .widgets import Results
+
+# Runtime errors whose ldm message tells the user what to change (smaller size, VAE tiling, ...).
+USER_FACING: tuple[type[Exception], ...] = (ldm.OutOfMemory, ldm.DecodeError)
+STATUS_EVERY = 0.5  # seconds between status-line updates
+
+
+def user_error(exc: Exception) -> gr.Error:
+    """gr.Error renders HTML: escape ldm's message so prompts and paths show as typed."""
+    return gr.Error(html.escape(str(exc)))
+
+
+def api_params(handler: Callable) -> list[inspect.Parameter]:
+    """The handler's API parameters: everything but the context and keyword-only plumbing."""
+    params = list(inspect.signature(handler).parameters.values())[1:]
+    return [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+
+
+def endpoint(ctx: Context, handler: Callable) -> Callable:
+    """Wrap a streaming handler as a Gradio generator function for a `Results` panel, with the
+    handler's own parameter names (they become the API's) plus the request (for Stop) and progress."""
+    public = api_params(handler)
+    names = [p.name for p in public]
+
+    def fn(*args):
+        *values, request, progress = args
+        session = getattr(request, "session_hash", None) or ""
+        started = last = time.monotonic()
+        try:
+            for item in handler(ctx, **dict(zip(names, values)), session=session):
+                now = time.monotonic()
+                if isinstance(item, Step):
+                    progress((item.step, item.total), desc=_step_label(item))
+                    # Gradio hides its bar once a stream has yielded, so a status line carries
+                    # step and ETA too; throttled, it is one small message every half second.
+                    if item.preview is not None or now - last >= STATUS_EVERY:
+                        last = now
+                        yield Results.step(item, now - started)
+                else:
+                    _notify(item)
+                    yield Results.values(item, now - started)
+        except (ValueError, *USER_FACING) as exc:
+            raise user_error(exc) from None
+
+    extra = [
+        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request),
+        inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()),
+    ]
+    fn.__signature__ = inspect.Signature(public + extra)
+    fn.__annotations__ = {"request": gr.Request}
+    fn.__name__ = handler.__name__
+    fn.__doc__ = handler.__doc__
+    return fn
+
+
+def plain(ctx: Context, handler: Callable) -> Callable:
+    """A non-streaming handler, its ValueErrors shown as gr.Error."""
+
+    def fn(*args):
+        try:
+            return handler(ctx, *args)
+        except ValueError as exc:
+            raise user_error(exc) from None
+
+    fn.__signature__ = inspect.Signature(api_params(handler))
+    fn.__name__ = handler.__name__
+    return fn
+
+
+def ui_only(fn: Callable) -> Callable:
+    """A widget-to-widget helper (not an API endpoint), its ValueErrors shown as gr.Error."""
+
+    def wrapped(*args):
+        try:
+            return fn(*args)
+        except ValueError as exc:
+            raise user_error(exc) from None
+
+    wrapped.__signature__ = inspect.signature(fn)
+    return wrapped
+
+
+def _step_label(step: Step) -> str:
+    return f"batch {step.batch + 1}/{step.batch_count}" if step.batch_count > 1 else "sampling"
+
+
+def _notify(out: Output) -> None:
+    for w in out.warnings:
+        gr.Warning(html.escape(w))
+    if out.stopped:
+        gr.Info(f"Stopped; kept {len(out.images)} finished image(s).")

@@ -1,0 +1,51 @@
+"""What the web UI holds for its lifetime: the loaded pipelines, the app's options, and the
+`Context` every handler receives (created once in `ui.layout.build`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .jobs import Jobs
+from .saving import Saver
+
+
+@dataclass
+class Pipes:
+    """The loaded pipelines. `inpaint` / `upscale` are optional dedicated models."""
+
+    base: Any
+    inpaint: Any = None
+    upscale: Any = None
+
+
+@dataclass
+class Options:
+    outputs: Path | None = Path("outputs")  # None: do not save (images still get a temp PNG with infotext)
+    max_upload_mb: float = 20.0
+    preview_every: int = 5  # steps between live previews; 0 = no previews
+    queue_size: int = 16
+    # A run nobody has read progress from for this long is abandoned (a cancel that Gradio could not
+    # deliver, e.g. one arriving as the run starts) and stops at its next step.
+    abandon_after: float = 30.0
+    # Uploads, Gradio's cached results and temp PNGs older than this many seconds are deleted
+    # (checked every half of it, at most every 10 min); 0 keeps them until the server stops.
+    cache_max_age: float = 3600.0
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+@dataclass
+class Context:
+    """Everything the handlers share."""
+
+    pipes: Pipes
+    options: Options = field(default_factory=Options)
+    jobs: Jobs = field(default_factory=Jobs)
+    saver: Saver | None = None
+
+    def __post_init__(self) -> None:
+        if self.saver is None:
+            self.saver = Saver(self.options.outputs, temp_max_age=self.options.cache_max_age)

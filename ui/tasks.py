@@ -1,0 +1,253 @@
+"""The task handlers behind the web UI: widget values -> one `ldm` call -> values for the outputs.
+
+No Gradio here, so everything is testable without a server or a browser. Parameter names are the
+`ldm` keyword names, because `ui.layout` publishes these signatures as the HTTP API.
+
+Generation handlers are generators: they yield `Step`s (progress, occasionally a cheap latent
+preview) while the model runs in a worker thread, then one `Output`. `streaming.run(...)` drains one.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from PIL import Image
+
+import ldm
+from ldm import metadata, samplers
+from ldm.params import MAX_SEED
+
+from . import choices
+from .convert import as_int, load_upload, size_or_none
+from .state import Context
+from .streaming import Output, Step, StepCallback, stream_call
+
+MAX_BATCH_COUNT = 100
+MAX_INFOTEXT_CHARS = 64 * 1024  # PNG info shows at most this much of a `parameters` chunk
+
+
+class Unavailable(ValueError):
+    """A feature whose model is not loaded (e.g. the x4 upscaler without --upscale-model)."""
+
+
+def sampling(steps, guidance_scale, sampler, schedule, clip_skip=1) -> dict[str, Any]:
+    """The sampler settings every generation takes, in ldm's names and types."""
+    return {
+        "steps": as_int("steps", steps),
+        "guidance_scale": float(guidance_scale),
+        "sampler": sampler,
+        "schedule": schedule,
+        "clip_skip": as_int("clip_skip", clip_skip),
+    }
+
+
+def first_seed(seed: Any, images: int) -> int:
+    """-1 -> one random seed for the whole run, so batch k starts at seed + k * batch_size."""
+    seed = as_int("seed", seed)
+    if seed == -1:
+        return random.randint(0, max(0, MAX_SEED - images + 1))
+    return seed
+
+
+# ---- the batch loop -------------------------------------------------------------------------
+
+
+def generate(ctx: Context, task: str, call: Callable[[int, StepCallback], Any], *, prompt: str, seed: Any,
+             batch_size: Any, batch_count: Any, session: str) -> Iterator[Step | Output]:
+    """Run `call(seed, callback)` `batch_count` times with consecutive seeds, save every image,
+    yield progress, then one Output. Stop keeps the batches that finished."""
+    batch_size = as_int("batch_size", batch_size)
+    batch_count = as_int("batch_count", batch_count)
+    if not 1 <= batch_count <= MAX_BATCH_COUNT:
+        raise ValueError(f"batch_count must be from 1 to {MAX_BATCH_COUNT}, got {batch_count}")
+    seed0 = first_seed(seed, batch_size * batch_count)
+    out = Output([], [], [])
+    cancel = ctx.jobs.start(session)
+    try:
+        for k in range(batch_count):
+            if cancel.is_set():
+                out.stopped = True
+                break
+            seed_k = seed0 + k * batch_size
+            try:
+                stream = stream_call(lambda cb, s=seed_k: call(s, cb), cancel, ctx.options.preview_every,
+                                     ctx.options.abandon_after)
+                for item in stream:
+                    if isinstance(item, Step):
+                        item.batch, item.batch_count = k, batch_count
+                        yield item
+                    else:
+                        _collect(ctx, out, item, task, prompt)
+            except ldm.Cancelled:
+                out.stopped = True
+                break
+    finally:
+        ctx.jobs.finish(session, cancel)
+    yield out
+
+
+def _collect(ctx: Context, out: Output, result, task: str, prompt: str) -> None:
+    for image, seed, info in zip(result.images, result.seeds, result.infotexts):
+        saved, warning = ctx.saver.save(image, info, seed=seed, prompt=prompt, task=task)
+        out.images.append(saved)
+        out.infotexts.append(info)
+        out.seeds.append(seed)
+        if warning and warning not in out.warnings:
+            out.warnings.append(warning)
+
+
+# ---- tasks ----------------------------------------------------------------------------------
+
+
+def txt2img(ctx: Context, prompt: str = "", negative_prompt: str = "", sampler: str = samplers.DEFAULT_SAMPLER,
+            schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20, guidance_scale: float = 7.0,
+            width: int | None = None, height: int | None = None, seed: int = -1, batch_size: int = 1,
+            batch_count: int = 1, clip_skip: int = 1, hires_scale: float = 1.0, hires_strength: float = 0.5,
+            fast: bool = False, *, session: str = "") -> Iterator[Step | Output]:
+    pipe = ctx.pipes.base
+    settings = sampling(steps, guidance_scale, sampler, schedule, clip_skip)
+    settings.update(width=size_or_none("width", width), height=size_or_none("height", height),
+                    batch_size=as_int("batch_size", batch_size), negative_prompt=negative_prompt)
+    if fast:  # ldm's opt-in fast preset (deep-feature reuse + guidance truncation)
+        settings["fast"] = True
+    if hires_scale and float(hires_scale) > 1:
+        settings.update(hires_scale=float(hires_scale), hires_strength=float(hires_strength))
+
+    def call(seed: int, callback: StepCallback):
+        return pipe.txt2img(prompt, seed=seed, callback=callback, **settings)
+
+    return generate(ctx, "txt2img", call, prompt=prompt, seed=seed, batch_size=batch_size,
+                    batch_count=batch_count, session=session)
+
+
+def img2img(ctx: Context, image: Any = None, prompt: str = "", negative_prompt: str = "", strength: float = 0.75,
+            sampler: str = samplers.DEFAULT_SAMPLER, schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20,
+            guidance_scale: float = 7.0, width: int | None = 0, height: int | None = 0, seed: int = -1,
+            batch_size: int = 1, batch_count: int = 1, clip_skip: int = 1, *, session: str = "") -> Iterator[Step | Output]:
+    pipe = ctx.pipes.base
+    picture = load_upload(ctx, image)
+    settings = sampling(steps, guidance_scale, sampler, schedule, clip_skip)
+    settings.update(width=size_or_none("width", width), height=size_or_none("height", height),
+                    batch_size=as_int("batch_size", batch_size), negative_prompt=negative_prompt, strength=float(strength))
+
+    def call(seed: int, callback: StepCallback):
+        return pipe.img2img(picture, prompt, seed=seed, callback=callback, **settings)
+
+    return generate(ctx, "img2img", call, prompt=prompt, seed=seed, batch_size=batch_size,
+                    batch_count=batch_count, session=session)
+
+
+def inpaint(ctx: Context, image: Any = None, mask: Any = None, prompt: str = "", negative_prompt: str = "",
+            strength: float = 0.75, mask_blur: int = 4, inpaint_area: str = "whole", padding: int = 32,
+            masked_content: str = "original", invert_mask: bool = False, sampler: str = samplers.DEFAULT_SAMPLER,
+            schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20, guidance_scale: float = 7.0,
+            width: int | None = 0, height: int | None = 0, seed: int = -1, batch_size: int = 1,
+            batch_count: int = 1, clip_skip: int = 1, *, session: str = "") -> Iterator[Step | Output]:
+    """mask: white = repaint; an alpha channel that varies counts with transparent = repaint."""
+    pipe = ctx.pipes.inpaint or ctx.pipes.base
+    picture = load_upload(ctx, image)
+    mask_image = load_upload(ctx, mask, "mask", mode=None)  # keep alpha: ldm reads it
+    settings = sampling(steps, guidance_scale, sampler, schedule, clip_skip)
+    settings.update(
+        negative_prompt=negative_prompt, strength=float(strength), mask_blur=as_int("mask_blur", mask_blur),
+        inpaint_area=inpaint_area, padding=as_int("padding", padding), masked_content=masked_content,
+        invert_mask=bool(invert_mask), width=size_or_none("width", width), height=size_or_none("height", height),
+        batch_size=as_int("batch_size", batch_size),
+    )
+
+    def call(seed: int, callback: StepCallback):
+        return pipe.inpaint(picture, mask_image, prompt, seed=seed, callback=callback, **settings)
+
+    return generate(ctx, "inpaint", call, prompt=prompt, seed=seed, batch_size=batch_size,
+                    batch_count=batch_count, session=session)
+
+
+def outpaint(ctx: Context, image: Any = None, prompt: str = "", negative_prompt: str = "", left: int = 0,
+             right: int = 0, top: int = 0, bottom: int = 0, strength: float = 1.0, mask_blur: int = 4,
+             masked_content: str = "fill", sampler: str = samplers.DEFAULT_SAMPLER,
+             schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20, guidance_scale: float = 7.0, seed: int = -1,
+             batch_size: int = 1, batch_count: int = 1, clip_skip: int = 1, *, session: str = "") -> Iterator[Step | Output]:
+    pipe = ctx.pipes.inpaint or ctx.pipes.base
+    picture = load_upload(ctx, image)
+    settings = sampling(steps, guidance_scale, sampler, schedule, clip_skip)
+    settings.update(negative_prompt=negative_prompt, batch_size=as_int("batch_size", batch_size),
+                    strength=float(strength), mask_blur=as_int("mask_blur", mask_blur), masked_content=masked_content,
+                    **{side: as_int(side, v) for side, v in (("left", left), ("right", right), ("top", top), ("bottom", bottom))})
+
+    def call(seed: int, callback: StepCallback):
+        return pipe.outpaint(picture, prompt, seed=seed, callback=callback, **settings)
+
+    return generate(ctx, "outpaint", call, prompt=prompt, seed=seed, batch_size=batch_size,
+                    batch_count=batch_count, session=session)
+
+
+def upscale(ctx: Context, image: Any = None, method: str = "lanczos", scale: float = 2.0, prompt: str = "",
+            negative_prompt: str = "", tile_size: int = 0, tile_overlap: int = 32, noise_level: int = 20,
+            strength: float = 0.5, upscaler: str = "lanczos", sampler: str = samplers.DEFAULT_SAMPLER,
+            schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20, guidance_scale: float = 7.0, seed: int = -1,
+            *, session: str = "") -> Iterator[Step | Output]:
+    """method: "x4 model" (a loaded x4 upscaler), "hires fix" (redraw with the base model), or a resize."""
+    picture = load_upload(ctx, image)
+    if method in choices.RESIZE_METHODS:
+        return _resize(ctx, picture, image, method, scale)
+    if method not in (choices.UPSCALE_X4, choices.UPSCALE_HIRES):
+        raise ValueError(f"unknown upscale method {method!r}; choose one of: {', '.join(choices.UPSCALE_METHODS)}")
+    settings = sampling(steps, guidance_scale, sampler, schedule)
+    settings.pop("clip_skip")
+    settings["negative_prompt"] = negative_prompt
+    if method == choices.UPSCALE_X4:
+        pipe = ctx.pipes.upscale
+        if pipe is None:
+            raise Unavailable("no x4 upscale model is loaded; start the app with --upscale-model")
+        tile = as_int("tile_size", tile_size)
+        settings.update(noise_level=as_int("noise_level", noise_level), tile_size=tile or None,
+                        tile_overlap=as_int("tile_overlap", tile_overlap))
+
+        def call(seed: int, callback: StepCallback):
+            return pipe.upscale(picture, prompt, seed=seed, callback=callback, **settings)
+    else:
+        pipe = ctx.pipes.base
+        settings.update(scale=float(scale), strength=float(strength), upscaler=upscaler)
+
+        def call(seed: int, callback: StepCallback):
+            return pipe.hires_fix(picture, prompt, seed=seed, callback=callback, **settings)
+
+    return generate(ctx, "upscale", call, prompt=prompt, seed=seed, batch_size=1, batch_count=1, session=session)
+
+
+def _resize(ctx: Context, picture: Image.Image, source: Any, method: str, scale: float) -> Iterator[Output]:
+    scale = float(scale)
+    if not 0 < scale <= 8:
+        raise ValueError(f"scale must be in (0, 8], got {scale}")
+    image = ldm.upscale_image(picture, scale, method, max_size=ctx.pipes.base.options.max_upscale_size)
+    info = _infotext_of(ctx, source) or ""  # keep the original's parameters on the bigger copy
+    saved, warning = ctx.saver.save(image, info, seed=None, prompt=f"{method}-x{scale:g}", task="upscale")
+    yield Output([saved], [info], [], [warning] if warning else [])
+
+
+# ---- PNG info -------------------------------------------------------------------------------
+
+
+def _infotext_of(ctx: Context, source: Any) -> str | None:
+    try:
+        return metadata.read_infotext(load_upload(ctx, source, mode=None))
+    except (ValueError, OSError):
+        return None
+
+
+def png_info(ctx: Context, image: Any = None) -> str:
+    """The A1111 parameters text of an image, or a sentence saying there are none ("" for no image:
+    the UI calls this when the picture is cleared). Longer texts are cut at MAX_INFOTEXT_CHARS."""
+    if image is None or image == "":
+        return ""
+    text = metadata.read_infotext(load_upload(ctx, image, mode=None))
+    if not text:
+        return "No generation parameters found in this image."
+    return truncate(text, MAX_INFOTEXT_CHARS)
+
+
+def truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[… truncated: showing the first {limit:,} of {len(text):,} characters]"

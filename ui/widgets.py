@@ -1,0 +1,266 @@
+"""The widgets of each tab: the input fields (named as the handlers' parameters) and the results panel.
+
+Ranges that depend on the loaded model are read from it: width/height from `pipe.limits.max_size`
+on `pipe.limits.size_step`, batch size from `max_batch`, steps from `max_steps`, clip skip from
+`max_clip_skip` (the text encoder's depth), the x4 upscaler's noise level from its
+`max_noise_level`. Choices come from `ui.choices` (which reads ldm's tables).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+import ldm
+from ldm import samplers
+
+from . import choices
+from .state import Context
+from .streaming import Output, Step, done_text, progress_text
+from .tasks import MAX_BATCH_COUNT
+
+NOISE_LEVEL = 20  # the Upscale tab's default noise level for the x4 model (diffusers' default)
+
+
+@dataclass
+class Results:
+    """The output side of a generation tab."""
+
+    preview: gr.Image
+    status: gr.Textbox
+    gallery: gr.Gallery
+    info: gr.Textbox
+    infotexts: gr.State
+    seeds: gr.State
+    index: gr.State
+    send_img2img: gr.Button
+    send_inpaint: gr.Button
+    send_upscale: gr.Button
+
+    @property
+    def outputs(self) -> list:
+        # API returns: images, infotext of the first image, live preview (None at the end), status line.
+        return [self.gallery, self.info, self.preview, self.status, self.infotexts, self.seeds, self.index]
+
+    @staticmethod
+    def values(out: Output, elapsed: float) -> tuple:
+        if not out.images:  # stopped before any image: keep the previous results on screen
+            return (gr.skip(), gr.skip(), None, done_text(out, elapsed), gr.skip(), gr.skip(), gr.skip())
+        return out.images, out.info, None, done_text(out, elapsed), out.infotexts, out.seeds, 0
+
+    @staticmethod
+    def step(step: Step, elapsed: float) -> tuple:
+        preview = step.preview if step.preview is not None else gr.skip()
+        return (gr.skip(), gr.skip(), preview, progress_text(step, elapsed), gr.skip(), gr.skip(), gr.skip())
+
+
+def results_panel(name: str) -> Results:
+    preview = gr.Image(label="Live preview", interactive=False, height=160, elem_id=f"{name}-preview")
+    status = gr.Textbox(value="", show_label=False, interactive=False, container=False, elem_id=f"{name}-status",
+                        placeholder="idle")
+    gallery = gr.Gallery(label="Images", format="png", columns=4, height=420, interactive=False,
+                         elem_id=f"{name}-gallery", buttons=["download", "fullscreen"])
+    info = gr.Textbox(label="Parameters of the selected image", lines=3, interactive=False, buttons=["copy"],
+                      elem_id=f"{name}-info")
+    with gr.Row():
+        send = [gr.Button(f"Send to {t}", size="sm") for t in ("img2img", "inpaint", "upscale")]
+    return Results(preview, status, gallery, info, gr.State([]), gr.State([]), gr.State(0), *send)
+
+
+def sampler_fields(pipe, name: str, defaults: dict | None = None) -> dict[str, gr.components.Component]:
+    d = {"steps": 20, "guidance_scale": 7.0, **(defaults or {})}
+    # Custom values pass through so ldm judges them: it accepts A1111's old names ("DPM++ 2M Karras")
+    # and its errors list the valid choices.
+    sampler = gr.Dropdown(choices.samplers_list(), value=samplers.DEFAULT_SAMPLER, label="Sampler",
+                          allow_custom_value=True)
+    schedule = gr.Dropdown(choices.schedules_for(samplers.DEFAULT_SAMPLER), value=samplers.DEFAULT_SCHEDULE,
+                           label="Schedule type", allow_custom_value=True)
+    sampler.change(_schedule_update, [sampler, schedule], schedule, queue=False, api_visibility="private")
+    with gr.Row():
+        steps = gr.Slider(1, min(150, pipe.limits.max_steps), value=d["steps"], step=1, label="Sampling steps",
+                          elem_id=f"{name}-steps")
+        cfg = gr.Slider(0, 30, value=d["guidance_scale"], step=0.5, label="CFG scale")
+    return {"sampler": sampler, "schedule": schedule, "steps": steps, "guidance_scale": cfg}
+
+
+def _schedule_update(sampler: str, schedule: str):
+    names = choices.schedules_for(sampler)
+    return gr.update(choices=names, value=schedule if schedule in names else samplers.DEFAULT_SCHEDULE)
+
+
+def size_fields(pipe, name: str, from_image: bool) -> dict[str, gr.Slider]:
+    """Width/height on the model's size step; 0 means "the input image's size" where there is one."""
+    step, top = pipe.limits.size_step, pipe.limits.max_size
+    low, value = (0, 0) if from_image else (step, pipe.default_size)
+    note = " (0 = image's)" if from_image else ""
+    with gr.Row():
+        width = gr.Slider(low, top, value=value, step=step, label="Width" + note, elem_id=f"{name}-width")
+        height = gr.Slider(low, top, value=value, step=step, label="Height" + note, elem_id=f"{name}-height")
+    return {"width": width, "height": height}
+
+
+def seed_fields(pipe, name: str) -> dict[str, gr.components.Component]:
+    with gr.Row(equal_height=True):
+        seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", scale=4, minimum=-1)
+        dice = gr.Button("🎲", scale=0, min_width=40)
+        reuse = gr.Button("♻️", scale=0, min_width=40)
+    with gr.Row():
+        batch_size = gr.Slider(1, pipe.limits.max_batch, value=1, step=1, label="Batch size",
+                               elem_id=f"{name}-batch-size")
+        batch_count = gr.Slider(1, MAX_BATCH_COUNT, value=1, step=1, label="Batch count")
+    dice.click(lambda: -1, None, seed, queue=False, api_visibility="private")
+    return {"seed": seed, "batch_size": batch_size, "batch_count": batch_count, "_reuse": reuse}
+
+
+def generation_fields(pipe, name: str, from_image: bool) -> dict[str, gr.components.Component]:
+    """What every generation tab has: sampler, size, seed and batch, clip skip."""
+    fields = sampler_fields(pipe, name) | size_fields(pipe, name, from_image) | seed_fields(pipe, name)
+    fields["clip_skip"] = clip_skip_field(pipe)
+    return fields
+
+
+def image_field(name: str) -> gr.Image:
+    return gr.Image(label="Image", type="filepath", image_mode=None, format="png", height=300,
+                    sources=["upload", "clipboard"], elem_id=f"{name}-image")
+
+
+def clip_skip_field(pipe) -> gr.Slider:
+    return gr.Slider(1, pipe.limits.max_clip_skip, value=1, step=1, label="Clip skip")
+
+
+def prompt_fields(name: str) -> dict[str, gr.Textbox]:
+    prompt = gr.Textbox(label="Prompt", lines=3, value="", placeholder="a red circle on a blue background",
+                        elem_id=f"{name}-prompt")
+    negative = gr.Textbox(label="Negative prompt", lines=2, value="", elem_id=f"{name}-negative")
+    return {"prompt": prompt, "negative_prompt": negative}
+
+
+def action_buttons(name: str, label: str = "Generate") -> tuple[gr.Button, gr.Button]:
+    with gr.Row():
+        go = gr.Button(label, variant="primary", elem_id=f"{name}-generate")
+        stop = gr.Button("Stop", variant="stop", elem_id=f"{name}-stop")
+    return go, stop
+
+
+# ---- tabs -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Tab:
+    fields: dict[str, Any]
+    results: Results | None = None
+    go: gr.Button | None = None
+    stop: gr.Button | None = None
+
+
+def txt2img_tab(ctx: Context) -> Tab:
+    pipe = ctx.pipes.base
+    with gr.Row():
+        with gr.Column(scale=1):
+            f = prompt_fields("txt2img")
+            go, stop = action_buttons("txt2img")
+            f |= generation_fields(pipe, "txt2img", from_image=False)
+            f["fast"] = gr.Checkbox(value=False, label="Fast preset (about 1.5-2x faster, slightly different images)")
+            with gr.Accordion("Hires fix", open=False):
+                f["hires_scale"] = gr.Slider(1, 4, value=1, step=0.05, label="Upscale by (1 = off)")
+                f["hires_strength"] = gr.Slider(0.05, 1, value=0.5, step=0.01, label="Denoising strength")
+        with gr.Column(scale=1):
+            results = results_panel("txt2img")
+    return Tab(f, results, go, stop)
+
+
+def img2img_tab(ctx: Context) -> Tab:
+    pipe = ctx.pipes.base
+    with gr.Row():
+        with gr.Column(scale=1):
+            f = {"image": image_field("img2img")}
+            f |= prompt_fields("img2img")
+            go, stop = action_buttons("img2img")
+            f["strength"] = gr.Slider(0.01, 1, value=0.75, step=0.01, label="Denoising strength")
+            f |= generation_fields(pipe, "img2img", from_image=True)
+        with gr.Column(scale=1):
+            results = results_panel("img2img")
+    return Tab(f, results, go, stop)
+
+
+def inpaint_tab(ctx: Context) -> Tab:
+    pipe = ctx.pipes.inpaint or ctx.pipes.base
+    with gr.Row():
+        with gr.Column(scale=1):
+            f: dict[str, Any] = {}
+            f["_editor"] = gr.ImageEditor(
+                label="Image — paint over what to repaint (brush size in the brush menu)", type="pil",
+                image_mode="RGBA", format="png", height=420, transforms=(), layers=False, sources=["upload", "clipboard"],
+                brush=gr.Brush(default_size=16, colors=["#ffffff"], color_mode="fixed"), elem_id="inpaint-editor",
+            )
+            with gr.Accordion("Or upload a mask (white = repaint; transparent = repaint if it has alpha)", open=False):
+                f["_mask_upload"] = gr.Image(label="Mask", type="pil", image_mode=None, format="png", height=200,
+                                             sources=["upload", "clipboard"])
+            # What the API's /inpaint receives: the editor drawing is turned into these two files first.
+            f["image"] = gr.Image(type="filepath", image_mode=None, format="png", visible=False)
+            f["mask"] = gr.Image(type="filepath", image_mode=None, format="png", visible=False)
+            f |= prompt_fields("inpaint")
+            go, stop = action_buttons("inpaint", "Inpaint")
+            f["strength"] = gr.Slider(0.01, 1, value=0.75, step=0.01, label="Denoising strength")
+            with gr.Row():
+                f["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur")
+                f["invert_mask"] = gr.Checkbox(value=False, label="Invert mask")
+            with gr.Row():
+                f["inpaint_area"] = gr.Radio(choices.INPAINT_AREAS, value="whole", label="Inpaint area")
+                f["padding"] = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels")
+            f["masked_content"] = gr.Radio(choices.MASKED_CONTENT, value="original", label="Masked content")
+            f |= generation_fields(pipe, "inpaint", from_image=True)
+            with gr.Accordion("Outpaint (extend the canvas)", open=False):
+                with gr.Row():
+                    for side in ("left", "right", "top", "bottom"):
+                        f[side] = gr.Slider(0, 512, value=0, step=pipe.limits.size_step, label=f"{side.title()}, pixels")
+                f["_outpaint"] = gr.Button("Outpaint", variant="primary", elem_id="outpaint-generate")
+        with gr.Column(scale=1):
+            results = results_panel("inpaint")
+    return Tab(f, results, go, stop)
+
+
+def upscale_tab(ctx: Context) -> Tab:
+    pipe = ctx.pipes.base
+    methods = choices.upscale_methods(ctx.pipes.upscale is not None)
+    with gr.Row():
+        with gr.Column(scale=1):
+            f = {"image": image_field("upscale")}
+            default = choices.UPSCALE_X4 if choices.UPSCALE_X4 in methods else "lanczos"
+            f["method"] = gr.Radio(methods, value=default, label="Method")
+            f["scale"] = gr.Slider(1, 8, value=2, step=0.25, label="Scale (the x4 model is always 4)")
+            go, stop = action_buttons("upscale", "Upscale")
+            with gr.Accordion("Model-based methods (x4 model, hires fix)", open=False):
+                f |= prompt_fields("upscale")
+                with gr.Row():
+                    f["tile_size"] = gr.Slider(0, 1024, value=0, step=pipe.limits.size_step, label="Tile size (0 = auto)")
+                    f["tile_overlap"] = gr.Slider(0, 256, value=32, step=8, label="Tile overlap")
+                with gr.Row():
+                    f["noise_level"] = noise_level_field(ctx.pipes.upscale)
+                    f["strength"] = gr.Slider(0.01, 1, value=0.5, step=0.01, label="Denoising strength (hires fix)")
+                f["upscaler"] = gr.Radio(list(ldm.HIRES_UPSCALERS), value="lanczos", label="Hires fix upscaler")
+                f |= sampler_fields(pipe, "upscale")
+                f["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1)
+        with gr.Column(scale=1):
+            results = results_panel("upscale")
+    return Tab(f, results, go, stop)
+
+
+def noise_level_field(x4_pipe) -> gr.Slider:
+    """Up to the x4 model's max_noise_level; without an x4 model the field is hidden (it is only
+    read by the "x4 model" method) and stays at the default."""
+    top = x4_pipe.max_noise_level if x4_pipe is not None else NOISE_LEVEL
+    return gr.Slider(0, top, value=min(NOISE_LEVEL, top), step=1, label="Noise level (x4 model)",
+                     visible=x4_pipe is not None)
+
+
+def png_info_tab(ctx: Context) -> Tab:
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(label="PNG", type="filepath", image_mode=None, format="png", height=360,
+                             sources=["upload", "clipboard"], elem_id="png-info-image")
+        with gr.Column():
+            text = gr.Textbox(label="Parameters", lines=8, interactive=False, buttons=["copy"], elem_id="png-info-text")
+            send = gr.Button("Send to txt2img")
+    return Tab({"image": image, "_text": text, "_send": send})
