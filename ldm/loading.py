@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from . import single_file
-from .components import KIND_BY_CHANNELS, Components, ModelKind, ModelLoadError, check_safetensors
+from .components import (KIND_BY_CHANNELS, Components, ModelKind, ModelLoadError, check_safetensors, require_complete,
+                         require_regular, require_regular_files)
 from .devices import ComponentDtypes
 
 log = logging.getLogger(__name__)
@@ -50,15 +52,72 @@ def locate(model: str | os.PathLike, *, allow_download: bool = True) -> Path:
     )
 
 
-def _weights(folder: Path) -> list[Path]:
+def _weights(folder: Path) -> dict[Path, dict[str, tuple[str, tuple[int, ...]]]]:
+    """The folder's safetensors files, each checked, with the {name: (dtype, shape)} its header lists."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         others = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
         hint = f" (found {', '.join(others)}: pickle formats are not loaded)" if others else ""
         raise ModelLoadError(f"no .safetensors weights in {folder}{hint}")
-    for f in files:
-        check_safetensors(f)
+    return {f: check_safetensors(f) for f in files}
+
+
+LOAD_ERRORS = (RuntimeError, ValueError, KeyError, OSError, TypeError)  # corrupt configs and weights
+
+
+@contextmanager
+def _component_errors(folder: Path, what: str, errors: tuple = LOAD_ERRORS):
+    """What diffusers/transformers raise on a corrupt component becomes a ModelLoadError naming its folder."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except errors as exc:
+        raise ModelLoadError(f"{folder}: the {what} could not be loaded ({type(exc).__name__}: {str(exc)[:300]})") from None
+
+
+def _shape_key(name: str) -> str:
+    # transformers 5 names CLIPTextModel's weights without the `text_model.` prefix that model files carry
+    return name.removeprefix("text_model.")
+
+
+def _require_shapes(folder: Path, what: str, skeleton: torch.nn.Module, files: dict) -> None:
+    """Compare the header shapes with a model built from the config on the meta device, before reading any data."""
+    expected = {_shape_key(k): tuple(t.shape) for k, t in skeleton.state_dict().items()}
+    for file, tensors in files.items():
+        for name, (_, shape) in tensors.items():
+            want = expected.get(_shape_key(name))
+            if want is not None and want != shape:
+                raise ModelLoadError(f"{file}: tensor {name} has shape {list(shape)} but the {what} config in {folder} "
+                                     f"expects {list(want)}; the weights do not belong to this config")
+
+
+def _checked_weights(folder: Path, what: str, skeleton) -> dict:
+    """A component's weight files, headers checked and shapes compared with its config, before any data is read."""
+    files = _weights(folder)
+    with _component_errors(folder, what):
+        with torch.device("meta"):  # full size, no memory
+            model = skeleton(folder)
+    _require_shapes(folder, what, model, files)
     return files
+
+
+def _load_checked(folder: Path, what: str, files: dict, load) -> torch.nn.Module:
+    with _component_errors(folder, what):
+        model, info = load(folder)
+    require_complete(model, what, next(iter(files)) if len(files) == 1 else folder, missing=info.get("missing_keys", ()))
+    return model
+
+
+def _read_json(file: Path) -> dict:
+    require_regular(file)
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ModelLoadError(f"corrupt file: {file} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"corrupt file: {file} does not hold a JSON object")
+    return config
 
 
 def load_components(model: str | os.PathLike, *, device: torch.device, dtype: torch.dtype | ComponentDtypes,
@@ -67,21 +126,30 @@ def load_components(model: str | os.PathLike, *, device: torch.device, dtype: to
         return single_file.load_single_file(model, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config)
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     root = locate(model, allow_download=allow_download)
     missing = [d for d in COMPONENT_DIRS if not (root / d).is_dir()]
     if missing:
         raise ModelLoadError(f"{root} is not a diffusers model folder: missing {', '.join(missing)}/")
-    for d in ("text_encoder", "unet", "vae"):
-        _weights(root / d)
+    for folder in (root, *(root / d for d in (*COMPONENT_DIRS, "low_res_scheduler") if (root / d).is_dir())):
+        require_regular_files(folder)  # a FIFO named config.json would block open() forever
 
     dtypes = dtype if isinstance(dtype, ComponentDtypes) else ComponentDtypes.same(dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtypes.text_encoder, use_safetensors=True)
-    unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True, torch_dtype=dtypes.unet)
-    vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True, torch_dtype=dtypes.vae)
-    scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    loaded = {"output_loading_info": True, "use_safetensors": True}
+    models = {  # folder: (name, build from the config, load the weights)
+        "text_encoder": ("text encoder", lambda f: CLIPTextModel(CLIPTextConfig.from_pretrained(f)),
+                         lambda f: CLIPTextModel.from_pretrained(f, dtype=dtypes.text_encoder, **loaded)),
+        "unet": ("U-Net", lambda f: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(f)),
+                 lambda f: UNet2DConditionModel.from_pretrained(f, torch_dtype=dtypes.unet, **loaded)),
+        "vae": ("VAE", lambda f: AutoencoderKL.from_config(AutoencoderKL.load_config(f)),
+                lambda f: AutoencoderKL.from_pretrained(f, torch_dtype=dtypes.vae, **loaded)),
+    }
+    files = {d: _checked_weights(root / d, what, skeleton) for d, (what, skeleton, _) in models.items()}
+    with _component_errors(root / "tokenizer", "tokenizer", (Exception,)):  # the tokenizers library raises bare Exception
+        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
+    text_encoder, unet, vae = (_load_checked(root / d, what, files[d], load) for d, (what, _, load) in models.items())
     for m in (text_encoder, unet, vae):
         m.to(device).eval().requires_grad_(False)
 
@@ -100,5 +168,5 @@ def _upscaler_extras(root: Path) -> dict:
     if not config.is_file():
         raise ModelLoadError(f"{root} has a 7-channel (x4 upscaler) U-Net but no low_res_scheduler/scheduler_config.json")
     index = root / "model_index.json"
-    max_noise = json.loads(index.read_text()).get("max_noise_level", 350) if index.is_file() else 350  # diffusers' default
-    return {"low_res_scheduler_config": json.loads(config.read_text()), "max_noise_level": int(max_noise)}
+    max_noise = _read_json(index).get("max_noise_level", 350) if index.exists() else 350  # diffusers' default
+    return {"low_res_scheduler_config": _read_json(config), "max_noise_level": int(max_noise)}

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .components import Components, ModelKind, ModelLoadError, check_safetensors
+from .components import (Components, ModelKind, ModelLoadError, check_safetensors, require_complete, require_regular,
+                         require_regular_files)
 from .devices import ComponentDtypes
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,7 @@ def _looks_like_pickle(file: Path) -> bool:
 
 def read_state_dict(file: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a single-file checkpoint. The format is decided by content, not by name."""
-    if not file.is_file():
-        raise ModelLoadError(f"{file}: no such file")
+    require_regular(file)  # "no such file"; a FIFO, device or directory is refused before open() can block on it
     if file.suffix.lower() != ".safetensors" and _looks_like_pickle(file):
         return _read_pickle(file, allow_pickle=allow_pickle)
     check_safetensors(file)  # refuses pickles named .safetensors and truncated files before parsing
@@ -146,6 +146,9 @@ def detect(state_dict: dict[str, torch.Tensor], file: Path) -> Layout:
 def _config_folder(layout: Layout, config: str | os.PathLike | None, file: Path) -> Path:
     if config is not None:
         folder = Path(config).expanduser()
+        for sub in (folder / d for d in ("unet", "vae", "text_encoder", "scheduler", "tokenizer")):
+            if sub.is_dir():
+                require_regular_files(sub)  # a FIFO named config.json would block open() forever
         missing = [p for p in ("unet/config.json", "vae/config.json", "text_encoder/config.json",
                                "scheduler/scheduler_config.json") if not (folder / p).is_file()]
         if missing:
@@ -220,16 +223,7 @@ def _build_models(state_dict: dict, folder: Path, layout: Layout, dtypes: Compon
                 f"{file}: the {name} weights do not fit the config in {folder} ({type(exc).__name__}: "
                 f"{str(exc)[:300]}). {SUPPORTED}; for other architectures pass config=<matching diffusers folder>"
             ) from None
-        _require_complete(model, name, file, folder)
+        require_complete(model, name, file, where=f" for the config in {folder}", hint=f". {SUPPORTED}")
         models.append(model)
     return models
 
-
-def _require_complete(model: torch.nn.Module, name: str, file: Path, folder: Path) -> None:
-    """diffusers leaves weights missing from the checkpoint on the meta device instead of failing."""
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if missing:
-        raise ModelLoadError(
-            f"{file}: the {name} weights are incomplete for the config in {folder} ({len(missing)} tensors missing, "
-            f"e.g. {missing[0]}). {SUPPORTED}"
-        )
