@@ -32,7 +32,9 @@ EVIL = "<img src=x onerror=alert(1)>"
 def pipe(base_model):
     import ldm
 
-    return ldm.load(base_model, device="cpu", dtype="float32", max_size=MAX_SIZE)  # = app.py --max-size 256
+    # = app.py --max-size 256; the prompt limit is raised so the text-handling cases below (10k characters)
+    # reach the model: the limit itself is tested in test_a_huge_prompt_is_refused_with_a_readable_message.
+    return ldm.load(base_model, device="cpu", dtype="float32", max_size=MAX_SIZE, max_prompt_tokens=8000)
 
 
 @pytest.fixture(scope="module")
@@ -302,6 +304,16 @@ def test_prompts_are_text_everywhere_and_never_a_path(web, client, prompt):
         if f.is_file():
             assert f.parent.parent == web.outputs and NAMES.match(f.name) and len(f.name) < 100, f
     assert not (web.outputs.parent / "etc").exists()
+
+
+def test_a_huge_prompt_is_refused_with_a_readable_message(client):
+    """Issue 16: a 1 MB prompt once took a minute and gigabytes; now it is refused before tokenising."""
+    started = time.monotonic()
+    message = refused(client, prompt="x" * 1_000_000, steps=1)
+    assert "prompt is 1,000,000 characters long; the limit is 128,000" in message
+    assert time.monotonic() - started < 20  # upload and refusal, no model work
+    gallery, _, _, status = client.predict(prompt="a red circle", steps=1, seed=1, api_name="/txt2img")
+    assert status.startswith("Done") and gallery  # and the server keeps serving
 
 
 def test_user_text_in_error_messages_is_escaped(client, picture):
