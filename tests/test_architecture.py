@@ -114,3 +114,36 @@ def test_library_never_imports_ui_libraries_or_the_tools():
 @pytest.mark.parametrize("path", sorted(LDM.rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_library_files_are_small(path):
     assert len(path.read_text().splitlines()) <= MAX_LINES
+
+
+def ui_files() -> list[Path]:
+    return [*sorted((ROOT / "ui").glob("*.py")), ROOT / "app.py"]
+
+
+def test_ui_uses_no_private_members_outside_the_gradio_adapter():
+    offenders = []
+    for path in ui_files():
+        if path.name == "gradio_compat.py":  # the one place that may reach into Gradio, version-pinned
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                    offenders.append(f"{path.name}:{node.lineno} .{node.attr}")
+    assert offenders == []
+
+
+def test_ui_and_app_do_not_probe_the_library_for_features():
+    """Features that always exist are called, not looked up: no getattr/hasattr on ldm or a pipeline,
+    no signature inspection of ldm functions."""
+    offenders = []
+    for path in ui_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and node.args):
+                continue
+            func = ast.unparse(node.func)
+            target = ast.unparse(node.args[0])
+            if func in ("getattr", "hasattr") and (target == "ldm" or "pipe" in target):
+                offenders.append(f"{path.name}:{node.lineno} {func}({target}, ...)")
+            if func.endswith("signature") and target.startswith("ldm"):
+                offenders.append(f"{path.name}:{node.lineno} {func}({target})")
+    assert offenders == []
