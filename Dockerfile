@@ -1,14 +1,20 @@
 # GPU image for the web UI (app.py). Build:  docker build -t ldm-webui .
 # Run:    docker run --gpus all -p 7860:7860 -e LDM_AUTH=me:secret \
 #           -v $PWD/models:/models -v ldm-hf-cache:/cache/huggingface -v $PWD/outputs:/outputs ldm-webui
+#         (add --read-only --tmpfs /tmp to keep the image itself unwritable: the three volumes and /tmp are all it writes)
 # Optional xformers:  docker build --build-arg INSTALL_XFORMERS=1 -t ldm-webui .
-# .ci/docker_rehearsal.sh runs the same install and smoke test in a virtualenv (CPU torch).
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# Behind a TLS-intercepting proxy, hand pip its CA bundle for the build only (never stored in a layer):
+#         DOCKER_BUILDKIT=1 docker build --secret id=pip_ca,src=/path/to/ca-bundle.crt -t ldm-webui .
+# CI builds a CPU variant from this same file (.ci/docker_ci.sh): BASE_IMAGE = a local Debian base,
+# TORCH_INDEX_URL = PyPI and TORCH_FIND_LINKS = the CPU torch wheel served from the CI machine.
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+FROM ${BASE_IMAGE}
 
 # torch comes from the PyTorch index of the base image's CUDA (12.8 -> cu128); its version must
 # equal the torch pin in requirements.txt (tests/test_dockerfile.py checks both).
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ARG TORCH_FIND_LINKS=
 ARG INSTALL_XFORMERS=0
 ARG APP_UID=1000
 
@@ -27,7 +33,9 @@ RUN apt-get update \
 WORKDIR /app
 # Dependencies first, so code changes do not reinstall them.
 COPY requirements.txt .
-RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
+RUN --mount=type=secret,id=pip_ca \
+    if [ -f /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" ${TORCH_FIND_LINKS:+--find-links "${TORCH_FIND_LINKS}"} \
     && pip install -r requirements.txt \
     && if [ "${INSTALL_XFORMERS}" = "1" ]; then pip install xformers --index-url "${TORCH_INDEX_URL}"; fi \
     && pip check
@@ -53,4 +61,7 @@ EXPOSE 7860
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
     CMD python -c "import http.client, os; c = http.client.HTTPConnection('127.0.0.1', int(os.environ.get('LDM_PORT', '7860')), timeout=5); c.request('GET', '/'); raise SystemExit(0 if c.getresponse().status < 500 else 1)"
 
+# Python turns SIGINT into KeyboardInterrupt, which Gradio handles by closing the server; as PID 1 it
+# would ignore docker stop's default SIGTERM and be killed at the timeout.
+STOPSIGNAL SIGINT
 CMD ["python", "app.py"]
