@@ -11,11 +11,14 @@ import os
 
 from .accel import configure, weights_device
 from .components import ModelKind, ModelLoadError
+from .control_preprocess import PREPROCESSORS
+from .controlnet import CONTROL_MODES, RESIZE_MODES, ControlNet, ControlUnit, load_controlnet
 from .denoise import Cancelled
 from .devices import resolve_device, resolve_dtypes
 from .engine import VERSION, Result
 from .faults import OutOfMemory
 from .latents import DecodeError
+from .library import Library, UnknownModelName
 from .loading import load_components
 from .options import ATTENTION, OFFLOAD, Options
 from .params import GenerationParams, Limits
@@ -25,12 +28,13 @@ from .tasks.hires import HIRES_UPSCALERS
 
 __all__ = ["load", "Pipeline", "Result", "Options", "GenerationParams", "Limits", "ModelKind", "ModelLoadError",
            "Cancelled", "OutOfMemory", "DecodeError", "VERSION", "upscale_image", "RESAMPLERS", "HIRES_UPSCALERS",
-           "ATTENTION", "OFFLOAD"]
+           "ATTENTION", "OFFLOAD", "Library", "UnknownModelName",
+           "load_controlnet", "ControlNet", "ControlUnit", "PREPROCESSORS", "CONTROL_MODES", "RESIZE_MODES"]
 
 
 def load(model: str | os.PathLike, *, device=None, dtype=None, options: Options | None = None,
          allow_download: bool = True, allow_pickle: bool = False, config: str | os.PathLike | None = None,
-         **option_fields) -> Pipeline:
+         models_dir: str | os.PathLike | None = None, vae: str | None = None, **option_fields) -> Pipeline:
     """Load a diffusers folder, hub id or single checkpoint file. device=None: cuda if available, else cpu.
 
     dtype=None or "auto": fp16 on cuda; on CPUs with native bf16, bf16 U-Net/text encoder + fp32 VAE (~2x
@@ -39,16 +43,27 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, options: Options 
     its fields may also be given as keywords (`max_size=1024, attention="sdpa"`), which override `options`.
     A single .safetensors checkpoint (original SD layout) loads offline with the bundled SD 1.5 configs, or with
     `config=` (a diffusers folder supplying the architecture); pickles (.ckpt/.pt/.bin) are refused unless
-    allow_pickle=True, and then only tensors are unpickled. See docs/security.md."""
+    allow_pickle=True, and then only tensors are unpickled. See docs/security.md.
+    models_dir: an A1111/ComfyUI-style models folder (`ldm.Library`): `model` may then be a checkpoint name
+    from it ("name", "sub/name", "name.safetensors [hash]"), and `<lora:name:w>` tags and embeddings in
+    prompts are looked up there; `vae` names a VAE in its VAE/ folder to use instead of the checkpoint's own."""
     base = options or Options()
     try:
         opts = base.__class__(**{**base.__dict__, **option_fields}).validate()
     except TypeError:
         unknown = sorted(set(option_fields) - set(base.__dict__))
         raise TypeError(f"ldm.load got unknown argument(s): {', '.join(unknown)}") from None
+    library = Library(models_dir) if models_dir is not None else None
+    if library is not None and not os.path.exists(os.path.expanduser(model)):
+        try:
+            model = library.find("checkpoints", model).path
+        except UnknownModelName:
+            if str(model).count("/") != 1:  # "org/name" may still be a hub id
+                raise
     dev = resolve_device(device)
     components = load_components(model, device=weights_device(dev, opts.offload), dtype=resolve_dtypes(dtype, dev),
                                  allow_download=allow_download, allow_pickle=allow_pickle, config=config)
     accel = configure(components, device=dev, attention=opts.attention, compile=opts.compile, offload=opts.offload,
                       channels_last=opts.channels_last)
-    return Pipeline(components, opts, accel)
+    pipe = Pipeline(components, opts, accel, library=library)
+    return pipe.with_vae(vae) if vae is not None else pipe

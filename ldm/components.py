@@ -18,6 +18,7 @@ class ModelKind(str, Enum):
     BASE = "base"  # 4-channel U-Net: txt2img, img2img, inpainting by latent blending
     INPAINT = "inpaint"  # 9-channel: latents + mask + masked-image latents
     UPSCALE = "upscale"  # 7-channel x4 upscaler: latents + low-res image
+    REFINER = "refiner"  # SDXL refiner (second text encoder only): used through txt2img(refiner=...)
 
 
 KIND_BY_CHANNELS = {4: ModelKind.BASE, 9: ModelKind.INPAINT, 7: ModelKind.UPSCALE}  # U-Net input channels -> kind
@@ -29,8 +30,8 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class Components:
-    tokenizer: object
-    text_encoder: torch.nn.Module
+    tokenizer: object | None  # None only for an SDXL refiner (see tokenizer_2)
+    text_encoder: torch.nn.Module | None
     unet: torch.nn.Module
     vae: torch.nn.Module
     scheduler_config: dict
@@ -40,6 +41,14 @@ class Components:
     # x4 upscaler only: the scheduler that noises the low-res image, and the highest noise level allowed
     low_res_scheduler_config: dict | None = None
     max_noise_level: int | None = None
+    # SDXL only: the second tokenizer (OpenCLIP: pads with "!") and text encoder (CLIPTextModelWithProjection)
+    tokenizer_2: object | None = None
+    text_encoder_2: torch.nn.Module | None = None
+    # A VAE from the models folder in place of the checkpoint's own (Pipeline.with_vae): its name and short hash
+    # for the infotext, and the checkpoint's own VAE to go back to ("Automatic").
+    vae_name: str | None = None
+    vae_hash: str | None = None
+    own_vae: torch.nn.Module | None = None
 
 
 # safetensors dtypes and their item sizes in bytes: what safetensors.torch turns into torch tensors
@@ -99,15 +108,17 @@ def check_safetensors(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         head = f.read(8)
         if len(head) < 8:
             raise corrupt(f"{size} bytes")
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise ModelLoadError(f"{file} is a pickle/zip checkpoint named .safetensors; refusing to load it")
+        # Pickle/zip magic, unless the bytes are a valid header length followed by a JSON header: a safetensors
+        # header length ending in byte 0x80 or 0x4B50 ("PK") is legitimate (1 file in 256 starts with 0x80).
+        disguised = ModelLoadError(f"{file} is a pickle/zip checkpoint named .safetensors; refusing to load it")
+        looks_pickled = head[:2] == b"PK" or head[:1] == b"\x80"
         (header_len,) = struct.unpack("<Q", head)
         if header_len > size - 8 or header_len > MAX_HEADER_BYTES:
-            raise corrupt(f"header says {header_len} bytes, file has {size}")
+            raise disguised if looks_pickled else corrupt(f"header says {header_len} bytes, file has {size}")
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: bad JSON, or ints too long to parse
-            raise corrupt("unreadable header") from None
+            raise disguised if looks_pickled else corrupt("unreadable header") from None
     if not isinstance(header, dict):
         raise corrupt(f"the header is {_json_type(header)}, not an object")
     data = size - 8 - header_len

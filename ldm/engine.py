@@ -25,12 +25,16 @@ from . import images as imgs
 from .accel import Accel
 from .components import Components, ModelKind
 from .denoise import DenoiseInputs, Extension, StepCallback, denoise
+from .embeddings import EmbeddingFiles
 from .faults import guard_out_of_memory
 from .family import ModelFamily, family_for
 from .latents import decode, generators, vae_scale_factor
+from .library import Library
+from .lora import Networks
 from .metadata import format_infotext
 from .options import Options
 from .params import GenerationParams, Limits
+from .prompt_tags import extract_loras
 from .samplers import make_scheduler
 
 VERSION = "ldm 0.1.0"
@@ -64,11 +68,13 @@ class Model:
     briefly upcasts the shared VAE. Different models may run concurrently."""
 
     def __init__(self, components: Components, options: Options | None = None, accel: Accel | None = None,
-                 family: ModelFamily | None = None):
+                 family: ModelFamily | None = None, library: Library | None = None):
         self.components = components
+        self.library = library  # the models folder LoRA tags and embeddings are looked up in (None: no folder)
+        self.networks = Networks(components, library)  # <lora:...> tags: merged around a run, restored after
         self.options = (options or Options()).validate()
         self.accel = accel or Accel(device=components.unet.device)  # what ldm.load applied
-        self.family = family or family_for(components)
+        self.family = family or family_for(components, EmbeddingFiles(library) if library is not None else None)
         self.vae_scale_factor = vae_scale_factor(components.vae)
         self.limits = Limits(
             size_step=math.lcm(8, self.vae_scale_factor),
@@ -125,6 +131,8 @@ class Model:
             "Size": f"{p.width}x{p.height}",
             "Model hash": self.model_hash,
             "Model": self.name,
+            "VAE hash": self.components.vae_hash,
+            "VAE": self.components.vae_name,
             "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
             **{k: _num(v) for k, v in (extra or {}).items()},
             "Version": VERSION,
@@ -166,7 +174,12 @@ def params_for(model: Model, prompt: str, settings: dict, *, limits: Limits | No
     values = {k: v for k, v in settings.items() if v is not None}
     values.setdefault("width", model.default_size)
     values.setdefault("height", model.default_size)
-    return GenerationParams(prompt=prompt, **values, **fixed).validate(limits or model.limits, model.family.token_count)
+    p = GenerationParams(prompt=prompt, **values, **fixed).validate(limits or model.limits, model.family.token_count)
+    loras = extract_loras(p.prompt)[1]  # malformed tags, unknown LoRA names: now, not mid-task
+    if loras and model.accel.offload == "sequential":  # accelerate keeps its own copy of each weight
+        raise ValueError("LoRA tags do not work with offload='sequential'; load with offload='model' or 'none'")
+    model.networks.resolve(loras)
+    return p
 
 
 def strength_slice(scheduler, steps: int, strength: float) -> torch.Tensor:
@@ -192,8 +205,9 @@ def run(model: Model, p: GenerationParams, start: StartFn, callback: StepCallbac
     p = p.with_seed()
     seeds = [p.seed + i for i in range(p.batch_size)]
     gens = generators(seeds)
-    with torch.inference_mode():
-        conditioning = model.family.encode(p)
+    text, loras = extract_loras(p.prompt)  # the tags are not encoded; the infotext keeps them, as A1111's
+    with model.networks.applied(loras) as applied, torch.inference_mode():
+        conditioning = model.family.encode(replace(p, prompt=text))
         scheduler = make_scheduler(p.sampler, p.schedule, model.scheduler_config, seeds=seeds)
         scheduler.set_timesteps(p.steps, device=model.device)
         s = start(scheduler, gens)
@@ -207,5 +221,6 @@ def run(model: Model, p: GenerationParams, start: StartFn, callback: StepCallbac
     info = {**(extra_info or {})}
     for ext in exts:
         info.update(ext.infotext())
+    info.update(applied.infotext(model.library))
     infotexts = [model.infotext(replace(p, seed=s), info) for s in seeds]
     return Result(images, seeds, infotexts, p, latents)

@@ -10,27 +10,15 @@ work with it unchanged (docs/architecture.md has a worked example).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
-
 from .components import Components
-from .denoise import Extension
+from .conditioning import Conditioning
+from .family_sdxl import SDXLFamily, is_sdxl
 from .guidance import uses_cfg
 from .latents import vae_scale_factor
 from .params import GenerationParams
 from .prompts import PromptEncoder
-
-
-@dataclass(frozen=True)
-class Conditioning:
-    """A batch's text conditioning: [B, seq, dim] each; uncond is None when guidance is off."""
-
-    cond: torch.Tensor
-    uncond: torch.Tensor | None
-    extensions: Sequence[Extension] = field(default_factory=tuple)  # what the family's U-Net needs besides
 
 
 class ModelFamily(Protocol):
@@ -51,8 +39,12 @@ class SDFamily:
 
     name = "sd"
 
-    def __init__(self, components: Components):
-        self.prompts = PromptEncoder(components.tokenizer, components.text_encoder)
+    def __init__(self, components: Components, embeddings=None):
+        # embeddings: ldm.embeddings.EmbeddingFiles (a models folder's textual inversions), or None
+        te = components.text_encoder
+        width = te.get_input_embeddings().embedding_dim
+        self.prompts = PromptEncoder(components.tokenizer, te,
+                                     embeddings.for_encoder(components.tokenizer, width) if embeddings else None)
         self.default_size = int(components.unet.config.sample_size) * vae_scale_factor(components.vae)
         # A1111's clip skip n reads hidden state -n; the deepest that exists is the first layer's output.
         self.max_clip_skip = int(components.text_encoder.config.num_hidden_layers)
@@ -61,12 +53,18 @@ class SDFamily:
         return self.prompts.token_count(text)
 
     def encode(self, p: GenerationParams) -> Conditioning:
+        guided = uses_cfg(p.guidance_scale)
         cond, uncond = self.prompts.encode_pair(p.prompt, p.negative_prompt, clip_skip=p.clip_skip,
-                                                need_negative=uses_cfg(p.guidance_scale))
+                                                need_negative=guided)
         b = p.batch_size
-        return Conditioning(cond.repeat(b, 1, 1), None if uncond is None else uncond.repeat(b, 1, 1))
+        used = self.prompts.embeddings_in(p.prompt, p.negative_prompt if guided else "")
+        info = (self.prompts.embeddings.hashes(used),) if used else ()  # infotext "TI hashes"
+        return Conditioning(cond.repeat(b, 1, 1), None if uncond is None else uncond.repeat(b, 1, 1), info)
 
 
-def family_for(components: Components) -> ModelFamily:
-    """The family of loaded components (today every supported model is SD 1.x/2.x-shaped)."""
-    return SDFamily(components)
+def family_for(components: Components, embeddings=None) -> ModelFamily:
+    """The family of loaded components: SDXL when the U-Net takes SDXL's added "text_time"
+    conditioning, else SD 1.x/2.x."""
+    if is_sdxl(components):
+        return SDXLFamily(components)
+    return SDFamily(components, embeddings)

@@ -1,10 +1,14 @@
 """`Pipeline`: a loaded model plus the tasks users run on it (each one a module in ldm/tasks/)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .denoise import StepCallback
 from .engine import Model, Result
 from .extensions import FastPreset
+from .extensions.refiner import RefinerSwitch, check_refiner
 from .tasks import generate, hires, inpaint, upscale_x4
+from .vae_files import load_vae
 
 
 class Pipeline(Model):
@@ -15,7 +19,21 @@ class Pipeline(Model):
 
     def with_options(self, **changes) -> "Pipeline":
         """A pipeline on the same weights with other per-call options (sizes, VAE tiling, memory budget)."""
-        return Pipeline(self.components, self.options.changed(**changes), self.accel)
+        return Pipeline(self.components, self.options.changed(**changes), self.accel, library=self.library)
+
+    def with_vae(self, name: str | None) -> "Pipeline":
+        """A pipeline on the same weights with the VAE `name` from the models folder's VAE/ (A1111's "SD VAE"),
+        or the checkpoint's own with "Automatic"/None. The infotext then says `VAE hash: ..., VAE: name`."""
+        own = self.components.own_vae or self.components.vae
+        if name is None or name in ("Automatic", "None"):
+            components = replace(self.components, vae=own, vae_name=None, vae_hash=None, own_vae=None)
+        else:
+            if self.library is None:
+                raise ValueError(f"VAE {name!r} needs a models folder: load the model with ldm.load(..., models_dir=DIR)")
+            entry = self.library.find("vaes", name)
+            components = replace(self.components, vae=load_vae(entry.path, like=own), vae_name=entry.name,
+                                 vae_hash=self.library.short_hash(entry), own_vae=own)
+        return Pipeline(components, self.options, self.accel, library=self.library)
 
     def warmup(self, width: int | None = None, height: int | None = None, steps: int = 2) -> None:
         """Pay torch.compile / allocator warm-up for this size now instead of on the first request
@@ -24,24 +42,35 @@ class Pipeline(Model):
 
     def txt2img(self, prompt: str = "", *, callback: StepCallback | None = None, fast: bool = False,
                 hires_scale: float | None = None, hires_strength: float = 0.5, hires_upscaler: str = "latent",
-                hires_steps: int | None = None, **settings) -> Result:
+                hires_steps: int | None = None, control=(), refiner: "Pipeline | None" = None,
+                refiner_switch_at: float = 0.8, **settings) -> Result:
         """Generate images from text. Settings are `GenerationParams` fields (width, steps, sampler, ...).
-        hires_scale > 1: A1111's hires fix, a second pass at that scale (see `ldm.tasks.hires`)."""
+        hires_scale > 1: A1111's hires fix, a second pass at that scale (see `ldm.tasks.hires`).
+        control: `ldm.ControlUnit`s (ControlNet; see `ldm.controlnet`).
+        refiner: an SDXL refiner pipeline that runs the steps after `refiner_switch_at` (see `ldm.extensions.refiner`)."""
         second = None
+        extensions = _fast(fast)
+        if refiner is not None:  # validated now, before any model work
+            if hires_scale is not None or control:
+                raise ValueError("the refiner with the hires fix or ControlNet is not supported yet")
+            check_refiner(self, refiner, refiner_switch_at)
+            extensions += (RefinerSwitch(refiner, generate.txt2img_params(self, prompt, settings), refiner_switch_at),)
+        if hires_scale is not None and control:
+            raise ValueError("the hires fix with ControlNet is not supported yet; generate, then hires_fix the result")
         if hires_scale is not None:  # validated now, before the first pass
             first = generate.txt2img_params(self, prompt, settings)
             second = hires.plan(self, first, scale=hires_scale, upscaler=hires_upscaler, strength=hires_strength,
                                 steps=hires_steps)
-        result = generate.txt2img(self, prompt, callback=callback, extensions=_fast(fast), **settings)
+        result = generate.txt2img(self, prompt, callback=callback, extensions=extensions, control=control, **settings)
         if second is None or second.scale == 1:
             return result
         return second.run(self, result, callback, _fast(fast))
 
     def img2img(self, image, prompt: str = "", *, strength: float = 0.75, callback: StepCallback | None = None,
-                fast: bool = False, **settings) -> Result:
+                fast: bool = False, control=(), **settings) -> Result:
         """Redraw an image. width/height default to the image's size rounded down to the size step."""
         return generate.img2img(self, image, prompt, strength=strength, callback=callback, extensions=_fast(fast),
-                                **settings)
+                                control=control, **settings)
 
     def inpaint(self, image, mask, prompt: str = "", *, fast: bool = False, **kwargs) -> Result:
         """Repaint the masked (white) part of an image; see `ldm.tasks.inpaint.inpaint`."""

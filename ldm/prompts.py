@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .embeddings import EmbeddingTable, injected
+
 CHUNK_TOKENS = 75  # CLIP's 77 positions minus BOS and EOS
 COMMA_BACKTRACK = 20  # A1111 default: a full chunk breaks after a comma this close to its end
 ROUND_UP = 1.1
 SQUARE_DOWN = 1 / 1.1
+PLACEHOLDER = 0  # token id under an embedding's vectors (replaced before the first layer), as A1111
 
 _TOKENS = re.compile(
     r"""
@@ -103,10 +106,12 @@ class Chunk:
 
     ids: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    fixes: list = field(default_factory=list)  # (offset in ids, ldm.embeddings.Embedding) of textual inversions
 
 
-def chunk_prompt(text: str, tokenizer) -> list[Chunk]:
-    """Tokenize a prompt into 75-token chunks carrying per-token weights (A1111's rules)."""
+def chunk_prompt(text: str, tokenizer, embeddings: EmbeddingTable | None = None) -> list[Chunk]:
+    """Tokenize a prompt into 75-token chunks carrying per-token weights (A1111's rules). Words naming an
+    embedding in `embeddings` become its vectors' places; an embedding never straddles two chunks."""
     parsed = parse_attention(text)
     comma = tokenizer.get_vocab().get(",</w>")
     chunks: list[Chunk] = []
@@ -124,20 +129,35 @@ def chunk_prompt(text: str, tokenizer) -> list[Chunk]:
         if piece == "BREAK" and weight == -1:
             close_chunk()
             continue
-        for token in ids:
+        position = 0
+        while position < len(ids):
+            token = ids[position]
             if token == comma:
                 last_comma = len(current.ids)
             elif len(current.ids) == CHUNK_TOKENS and last_comma != -1 and len(current.ids) - last_comma <= COMMA_BACKTRACK:
                 # Keep the words after the last comma together in the next chunk.
                 cut = last_comma + 1
-                carried = Chunk(current.ids[cut:], current.weights[cut:])
+                carried = Chunk(current.ids[cut:], current.weights[cut:], [(o - cut, e) for o, e in current.fixes if o >= cut])
                 del current.ids[cut:], current.weights[cut:]
+                current.fixes = [(o, e) for o, e in current.fixes if o < cut]
                 close_chunk()
                 current = carried
             if len(current.ids) == CHUNK_TOKENS:
                 close_chunk()
-            current.ids.append(token)
-            current.weights.append(weight)
+            found = embeddings.find_at(ids, position) if embeddings else None
+            if found is None:
+                current.ids.append(token)
+                current.weights.append(weight)
+                position += 1
+                continue
+            embedding, span = found
+            n = embedding.vectors.shape[0]
+            if len(current.ids) + n > CHUNK_TOKENS:  # never split an embedding across chunks
+                close_chunk()
+            current.fixes.append((len(current.ids), embedding))
+            current.ids += [PLACEHOLDER] * n
+            current.weights += [weight] * n
+            position += span
     if current.ids or not chunks:
         close_chunk()
     return chunks
@@ -152,19 +172,30 @@ def final_layer_norm(text_encoder) -> torch.nn.Module:
 class PromptEncoder:
     """Turns prompt text into U-Net conditioning with a CLIP tokenizer and text encoder."""
 
-    def __init__(self, tokenizer, text_encoder):
+    def __init__(self, tokenizer, text_encoder, embeddings=None):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        self.embeddings = embeddings  # ldm.embeddings.EncoderEmbeddings, or None: no textual inversion
+
+    def chunks(self, text: str) -> list[Chunk]:
+        if not self.embeddings:
+            return chunk_prompt(text, self.tokenizer)
+        table = self.embeddings.table()
+        return chunk_prompt(table.explicit(text), self.tokenizer, table)
 
     def token_count(self, text: str) -> int:
-        return sum(len(c.ids) for c in chunk_prompt(text, self.tokenizer))
+        return sum(len(c.ids) for c in self.chunks(text))
+
+    def embeddings_in(self, *texts: str) -> list:
+        """The embeddings (ldm.embeddings.Embedding) the texts call, in order."""
+        return [e for t in texts if t and self.embeddings for c in self.chunks(t) for _, e in c.fixes]
 
     def encode_pair(self, prompt: str, negative_prompt: str, *, clip_skip: int = 1, need_negative: bool = True):
         """(cond, uncond) embeddings of equal length, each [1, 77 * chunks, dim]; uncond is None when not needed."""
-        cond_chunks = chunk_prompt(prompt, self.tokenizer)
+        cond_chunks = self.chunks(prompt)
         if not need_negative:
             return self.encode_chunks(cond_chunks, clip_skip), None
-        uncond_chunks = chunk_prompt(negative_prompt, self.tokenizer)
+        uncond_chunks = self.chunks(negative_prompt)
         n = max(len(cond_chunks), len(uncond_chunks))
         # The shorter side is padded with empty chunks so both have the same sequence length.
         cond_chunks += [Chunk() for _ in range(n - len(cond_chunks))]
@@ -172,18 +203,27 @@ class PromptEncoder:
         return self.encode_chunks(cond_chunks, clip_skip), self.encode_chunks(uncond_chunks, clip_skip)
 
     def encode_chunks(self, chunks: list[Chunk], clip_skip: int) -> torch.Tensor:
+        with injected(self.text_encoder, [[(1 + o, e.vectors) for o, e in c.fixes] for c in chunks]):  # 1: BOS
+            z = self.hidden(self.token_ids(chunks), clip_skip)
+        return self.weighted(z, chunks)
+
+    def token_ids(self, chunks: list[Chunk]) -> torch.Tensor:
+        """[chunks, 77] ids laid out as the tokenizer's own padding: BOS, tokens, EOS, then pad."""
         tok = self.tokenizer
         length = CHUNK_TOKENS + 2
-        # Same layout as the tokenizer's own padding: BOS, tokens, EOS, then pad.
         rows = [[tok.bos_token_id, *c.ids, tok.eos_token_id] for c in chunks]
         rows = [r + [tok.pad_token_id] * (length - len(r)) for r in rows]
-        device = self.text_encoder.device
-        ids = torch.tensor(rows, dtype=torch.long, device=device)
+        return torch.tensor(rows, dtype=torch.long, device=self.text_encoder.device)
+
+    def hidden(self, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+        """The token embeddings the U-Net attends to: the last layer, or hidden state -clip_skip through the final norm."""
         if clip_skip <= 1:
-            z = self.text_encoder(ids)[0]
-        else:
-            hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states
-            z = final_layer_norm(self.text_encoder)(hidden[-clip_skip])
+            return self.text_encoder(ids)[0]
+        hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states
+        return final_layer_norm(self.text_encoder)(hidden[-clip_skip])
+
+    def weighted(self, z: torch.Tensor, chunks: list[Chunk]) -> torch.Tensor:
+        """Per-chunk embeddings [chunks, 77, dim] -> [1, 77 * chunks, dim] with the chunks' weights applied."""
         out = []
         for i, c in enumerate(chunks):
             zi = z[i : i + 1]
