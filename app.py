@@ -55,19 +55,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-save", action="store_true", default=env_flag("NO_SAVE"), help="do not save images")
     p.add_argument("--max-size", type=int, default=int(env("MAX_SIZE", 2048)), help="largest width/height in pixels")
     p.add_argument("--max-upload-mb", type=float, default=float(env("MAX_UPLOAD_MB", 20)), help="largest upload")
+    p.add_argument("--max-request-mb", type=float, default=float(env("MAX_REQUEST_MB", 64)),
+                   help="largest request body, all files of an upload together (default 64)")
+    p.add_argument("--max-files", type=int, default=int(env("MAX_FILES", 10)), help="most files in one upload request (default 10)")
     p.add_argument("--queue-size", type=int, default=int(env("QUEUE_SIZE", 16)), help="waiting requests before refusing")
     p.add_argument("--cache-max-age", type=float, default=float(env("CACHE_MAX_AGE", 3600)),
                    help="seconds to keep uploads and temporary results (default 3600; 0 = until exit)")
     p.add_argument("--share", action="store_true", default=env_flag("SHARE"), help="public gradio.live link (off)")
+    p.add_argument("--no-api", action="store_true", default=env_flag("NO_API"),
+                   help="no REST API (A1111's /sdapi/v1 and /api/v1/jobs, docs at /docs; on by default)")
+    p.add_argument("--api-auth", default=env("API_AUTH"), help="user:pass for the REST API (default: the --auth users)")
+    p.add_argument("--api-job-ttl", type=float, default=float(env("API_JOB_TTL", 3600)),
+                   help="seconds a finished API job's results are kept (default 3600)")
     return p
 
 
 def read_auth(auth: str | None, auth_file: str | None) -> list[tuple[str, str]]:
-    """user:pass pairs from --auth (comma-separated) and --auth-file (one a line, # comments)."""
+    """user:pass pairs from --auth (comma-separated) and --auth-file (one a line, # comments).
+
+    Either flag given (even empty, e.g. LDM_AUTH="") asks for auth: if it yields no user, the app
+    refuses to start rather than run open."""
     entries: list[str] = []
-    if auth:
+    if auth is not None:
         entries += auth.split(",")
-    if auth_file:
+    if auth_file is not None:
         entries += Path(auth_file).read_text(encoding="utf-8").splitlines()
     pairs = []
     for entry in (e.strip() for e in entries):
@@ -77,6 +88,9 @@ def read_auth(auth: str | None, auth_file: str | None) -> list[tuple[str, str]]:
         if not sep or not user or not password:
             raise SystemExit(f"error: auth entries must look like user:password, got {user!r}:…")
         pairs.append((user, password))
+    if not pairs and (auth is not None or auth_file is not None):
+        given = " and ".join(f for f, v in (("--auth", auth), (f"--auth-file {auth_file}", auth_file)) if v is not None)
+        raise SystemExit(f"error: {given} names no user (expected user:password entries); refusing to start without auth")
     return pairs
 
 
@@ -114,11 +128,14 @@ def load_pipelines(args: argparse.Namespace) -> state.Pipes:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.max_request_mb < args.max_upload_mb or args.max_files < 1:
+        raise SystemExit("error: --max-request-mb must be at least --max-upload-mb, and --max-files at least 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Before gradio is imported: uploads and cached results go to a folder of this app's own.
     temp_dir = private_temp_dir()
     os.environ["GRADIO_TEMP_DIR"] = str(temp_dir)
     auth = read_auth(args.auth, args.auth_file)
+    api_auth = read_auth(args.api_auth, None)
     warn_if_open(args.host, auth, args.share)
     pipes = load_pipelines(args)
 
@@ -133,8 +150,22 @@ def main(argv: list[str] | None = None) -> None:
     start_sweeper(temp_dir, args.cache_max_age)
     demo.launch(
         server_name=args.host, server_port=args.port, share=args.share, footer_links=["api", "settings"],
-        **launch_kwargs(auth=auth, max_upload_mb=args.max_upload_mb, outputs=outputs, auth_file=args.auth_file),
+        prevent_thread_lock=True,  # the REST API's routes are added to the running app, then we block
+        **launch_kwargs(auth=auth, max_upload_mb=args.max_upload_mb, outputs=outputs, auth_file=args.auth_file,
+                        max_request_mb=args.max_request_mb, max_files=args.max_files),
     )
+    if not args.no_api:
+        mount_api(demo, args, api_auth or auth)
+    demo.block_thread()
+
+
+def mount_api(demo, args: argparse.Namespace, auth: list[tuple[str, str]]) -> None:
+    """A1111's /sdapi/v1 and the jobs API on the UI's server, HTTP Basic with `auth` (ui.sdapi)."""
+    from ui import sdapi
+
+    secret = {"auth", "auth_file", "api_auth"}
+    flags = {k: v for k, v in vars(args).items() if k not in secret}
+    sdapi.mount(demo.app, demo.ldm_context, sdapi.Settings(auth=auth, job_ttl=args.api_job_ttl, cmd_flags=flags))
 
 
 if __name__ == "__main__":

@@ -68,3 +68,24 @@ def test_a_refused_option_exits_with_a_message(base_model):
 
 def test_no_model_is_no_pipeline(base_model):
     assert app.load_model(None, cpu_args(base_model)) is None
+
+
+# ---- auth flags (issue 16 item 4): asking for auth and getting none is a start-up error ----------
+
+
+@pytest.mark.parametrize("auth, lines", [(",", None), (" ", None), ("", None), (None, "# only a comment\n\n"),
+                                         (None, ""), (" , ", "  \n")])
+def test_auth_asked_for_but_empty_is_a_start_up_error(tmp_path, auth, lines):
+    auth_file = None
+    if lines is not None:
+        auth_file = tmp_path / "users"
+        auth_file.write_text(lines)
+    with pytest.raises(SystemExit) as exit_:
+        app.read_auth(auth, str(auth_file) if auth_file else None)
+    assert "no user" in str(exit_.value.code)
+
+
+def test_auth_entries_are_read_and_no_auth_is_no_auth(tmp_path):
+    (tmp_path / "users").write_text("# team\nann:pw1\n\nbob:pw:2\n")
+    assert app.read_auth("cy:x, dee:y", str(tmp_path / "users")) == [("cy", "x"), ("dee", "y"), ("ann", "pw1"), ("bob", "pw:2")]
+    assert app.read_auth(None, None) == []

@@ -114,13 +114,14 @@ def test_out_of_range_img2img(client, picture, model_calls, bad, expected):
     assert expected in message and model_calls == {"text": 0, "unet": 0}
 
 
-def call_raw(web, api: str, body: str) -> tuple[str, str]:
+def call_raw(web, api: str, body: str, headers: dict | None = None) -> tuple[str, str]:
     """POST a hand-written JSON body (NaN is not JSON, so gradio_client refuses to send it) and read
-    the event stream: -> (event name, data) of the last event."""
+    the event stream: -> (event name, data) of the last event. `headers`: e.g. a session Cookie."""
     req = urllib.request.Request(f"{web.url}gradio_api/call/{api}", data=body.encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     event_id = json.loads(urllib.request.urlopen(req, timeout=10).read())["event_id"]
-    with urllib.request.urlopen(f"{web.url}gradio_api/call/{api}/{event_id}", timeout=60) as resp:
+    stream = urllib.request.Request(f"{web.url}gradio_api/call/{api}/{event_id}", headers=headers or {})
+    with urllib.request.urlopen(stream, timeout=60) as resp:
         text = resp.read().decode()
     events = re.findall(r"event: (\w+)\ndata: (.*)", text)
     return events[-1]

@@ -217,14 +217,25 @@ def test_app_py_passes_its_limits_to_launch(monkeypatch, tmp_path):
         def launch(self, **kwargs):
             seen.update(kwargs)
 
+        def block_thread(self):
+            seen["served"] = True
+
     monkeypatch.setattr(app, "load_pipelines", lambda args: object())
+    monkeypatch.setattr(app, "mount_api", lambda demo, args, auth: seen.update(api_auth=auth))  # tests/test_sdapi.py
     monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))  # where app.py puts its own temp folder
     monkeypatch.setattr(ui.layout, "build", lambda pipes, options: (seen.update(options=options), FakeDemo())[1])
     (tmp_path / "users").write_text("ann:pw\n")
-    app.main(["--max-upload-mb", "3", "--outputs", str(tmp_path / "out"), "--auth-file", str(tmp_path / "users")])
+    app.main(["--max-upload-mb", "3", "--outputs", str(tmp_path / "out"), "--auth-file", str(tmp_path / "users"),
+              "--max-request-mb", "5", "--max-files", "2"])
     assert seen["max_file_size"] == 3 * 1024 * 1024 and seen["options"].max_upload_mb == 3
+    limits = next(m for m in seen["app_kwargs"]["middleware"] if m.cls.__name__ == "RequestLimits")
+    assert limits.kwargs == {"max_bytes": 5 * 1024 * 1024, "max_files": 2}
+    assert {m.cls.__name__ for m in seen["app_kwargs"]["middleware"]} == {"AccessGate", "RequestLimits", "LoginThrottle"}
+    with pytest.raises(SystemExit, match="max-request-mb"):
+        app.main(["--max-upload-mb", "30", "--max-request-mb", "20"])
     assert seen["auth"] == [("ann", "pw")] and seen["allowed_paths"] == [str((tmp_path / "out").resolve())]
+    assert seen["api_auth"] == [("ann", "pw")] and seen["prevent_thread_lock"] and seen["served"]  # REST API, same users
     assert str((tmp_path / "users").resolve()) in seen["blocked_paths"]
     assert seen["ssr_mode"] is False and seen["show_error"] is False and seen["share"] is False
     assert seen["app_kwargs"]["openapi_url"] is None and seen["server_name"] == "127.0.0.1"

@@ -2,7 +2,8 @@
 
 Modules: `state` (Pipes, Options, Context), `tasks` (the handlers, no Gradio), `streaming`, `jobs`,
 `saving`, `convert`, `editor`, `choices`; `widgets`, `endpoints`, `layout` (the Blocks);
-`gradio_compat` (every patch of Gradio); `security` and `tempfiles` (serving).
+`errors` (every handler's errors as messages); `gradio_compat` (every patch of Gradio); `security`,
+`limits` and `tempfiles` (serving).
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Handler -> Gradio function: the adapters that give `ui.tasks` handlers to Gradio events.
 
-Each keeps the handler's own parameter names (they become the API's), turns ValueErrors (and
-ldm's user-facing runtime errors) into escaped gr.Error messages, and for streaming handlers turns
-`Step`s and the final `Output` into values for a `Results` panel.
+Each keeps the handler's own parameter names (they become the API's), turns every error into an
+escaped gr.Error message (`ui.errors`), and for streaming handlers turns `Step`s and the final
+`Output` into values for a `Results` panel.
 """
 from __future__ import annotations
 
@@ -13,20 +13,12 @@ from collections.abc import Callable
 
 import gradio as gr
 
-import ldm
-
+from .errors import mark, readable, user_error
 from .state import Context
 from .streaming import Output, Step
 from .widgets import Results
 
-# Runtime errors whose ldm message tells the user what to change (smaller size, VAE tiling, ...).
-USER_FACING: tuple[type[Exception], ...] = (ldm.OutOfMemory, ldm.DecodeError)
 STATUS_EVERY = 0.5  # seconds between status-line updates
-
-
-def user_error(exc: Exception) -> gr.Error:
-    """gr.Error renders HTML: escape ldm's message so prompts and paths show as typed."""
-    return gr.Error(html.escape(str(exc)))
 
 
 def api_params(handler: Callable) -> list[inspect.Parameter]:
@@ -58,7 +50,7 @@ def endpoint(ctx: Context, handler: Callable) -> Callable:
                 else:
                     _notify(item)
                     yield Results.values(item, now - started)
-        except (ValueError, *USER_FACING) as exc:
+        except Exception as exc:  # noqa: BLE001 - every error is a message (ui.errors)
             raise user_error(exc) from None
 
     extra = [
@@ -69,33 +61,18 @@ def endpoint(ctx: Context, handler: Callable) -> Callable:
     fn.__annotations__ = {"request": gr.Request}
     fn.__name__ = handler.__name__
     fn.__doc__ = handler.__doc__
-    return fn
+    return mark(fn)
 
 
 def plain(ctx: Context, handler: Callable) -> Callable:
-    """A non-streaming handler, its ValueErrors shown as gr.Error."""
+    """A non-streaming handler, its errors shown as gr.Error."""
 
     def fn(*args):
-        try:
-            return handler(ctx, *args)
-        except ValueError as exc:
-            raise user_error(exc) from None
+        return handler(ctx, *args)
 
-    fn.__signature__ = inspect.Signature(api_params(handler))
-    fn.__name__ = handler.__name__
-    return fn
-
-
-def ui_only(fn: Callable) -> Callable:
-    """A widget-to-widget helper (not an API endpoint), its ValueErrors shown as gr.Error."""
-
-    def wrapped(*args):
-        try:
-            return fn(*args)
-        except ValueError as exc:
-            raise user_error(exc) from None
-
-    wrapped.__signature__ = inspect.signature(fn)
+    wrapped = readable(fn)
+    wrapped.__signature__ = inspect.Signature(api_params(handler))
+    wrapped.__name__ = handler.__name__
     return wrapped
 
 

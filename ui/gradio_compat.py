@@ -9,12 +9,14 @@ Patches (replace a method on one Gradio component instance):
 * `readable_errors(component, name)` replaces `component.preprocess`. Gradio checks API inputs before
   our handler runs; its messages quote the raw value inside a gr.Error, which the page renders as
   HTML (a Radio given "<img onerror=...>"), and anything else it raises (a file that is not an
-  image, a decompression bomb, text for a number) reaches the caller as a generic "the app raised an
-  exception". Both become an escaped message naming the field.
-* `limit_editor_pixels(editor)` replaces `ImageEditor.convert_and_format_image`. The inpaint editor
-  (type="pil", RGBA) makes Gradio decode and convert every uploaded layer before our handler sees
-  it, in unqueued UI steps; a small PNG declaring 9000x9000 pixels would cost ~300 MB per request.
-  The patch reads each image's header first and refuses more than ldm's pixel limit.
+  image, a decompression bomb, text for a number, `Infinity` for a seed: OverflowError) reaches the
+  caller as `{"error": null}`. All become an escaped message naming the field.
+* `check_image_headers(component)` replaces the `preprocess` of every `gr.Image`, `gr.ImageEditor`
+  and `gr.Gallery` (`ui.layout.build` applies it to all of them: one mechanism for every image input,
+  API or UI only; a gallery is an input of the "Send to" buttons). Gradio decodes uploads inside `preprocess` for `type="pil"` / `"numpy"` inputs and for the
+  editor (whole PNG, `getexif()`, RGBA conversion), before any handler runs; a 560 KB PNG declaring
+  12000x12000 pixels cost ~325 MB per request through the mask-upload widget. The patch reads each
+  file's header (PIL's lazy open: size only) and refuses more than ldm's pixel limit first.
 
 Response rewrite (the access gate applies it to Gradio's `/` route):
 
@@ -22,6 +24,14 @@ Response rewrite (the access gate applies it to Gradio's `/` route):
   choices, code samples) as `window.gradio_api_info` in the page it serves at `/`, the login page
   included, while `/gradio_api/info` itself needs a session. The gate replaces it with an empty
   description for visitors who are not logged in.
+
+Gradio behaviours the middlewares work around (no patch; re-check on an upgrade):
+
+* Ranged (206) responses of the file route are built from a copy of the request's headers
+  (`route_utils`: `headers = dict(request.headers)`): the gate keeps only file headers
+  (`ui.security.FILE_HEADERS`) and checks every content-type.
+* `/gradio_api/upload` parses up to 1,000 files, and JSON bodies are read whole whatever their
+  size: `ui.limits.RequestLimits` bounds both.
 
 Internals read (attributes of Gradio's FastAPI `App`, used by `ui.security.AccessGate`):
 
@@ -40,7 +50,6 @@ Attribute added:
 from __future__ import annotations
 
 import html
-import io
 import re
 import warnings
 from typing import Any
@@ -67,43 +76,75 @@ def readable_errors(component, name: str):
         try:
             return check(payload)
         except gr.Error as exc:
-            raise gr.Error(html.escape(str(exc.message))) from None
+            raise gr.Error(html.escape(f"{what}: {exc.message}")) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise gr.Error(html.escape(f"{what}: the image is too large to open ({exc})")) from None
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             name = getattr(payload, "orig_name", None) or "the file"
             raise gr.Error(html.escape(f"{what}: {name} is not a readable image ({type(exc).__name__})")) from None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, ArithmeticError):  # Infinity for an integer: OverflowError
             raise gr.Error(html.escape(f"{what}: {type(payload).__name__} is not a valid value here")) from None
+        except Exception as exc:  # noqa: BLE001 - anything else is still a message, never {"error": null}
+            raise gr.Error(html.escape(f"{what}: could not read the value ({type(exc).__name__})")) from None
 
     component.preprocess = preprocess
     component._readable_errors = True
     return component
 
 
-def limit_editor_pixels(editor: gr.ImageEditor, max_pixels: int = DEFAULT_MAX_PIXELS) -> gr.ImageEditor:
-    """`editor` refusing, from the header, any layer of more than `max_pixels` (as ldm.images does)."""
-    convert = editor.convert_and_format_image
+IMAGE_INPUTS = (gr.Image, gr.ImageEditor, gr.Gallery)
+_NESTED = ("root", "image", "background", "layers", "composite")  # GalleryData, GalleryImage, EditorData
 
-    def checked(file, *args, **kwargs):
-        if file is not None:
-            source = io.BytesIO(file) if isinstance(file, (bytes, bytearray, memoryview)) else getattr(file, "path", None)
-            if source is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    try:
-                        with Image.open(source) as im:  # reads the header only
-                            width, height = im.size
-                    except Image.DecompressionBombError as exc:
-                        raise gr.Error(html.escape(f"the image is too large to open ({exc})")) from None
-                    except (UnidentifiedImageError, OSError, SyntaxError):
-                        raise gr.Error("the upload is not a readable image") from None
-                if width * height > max_pixels:
-                    raise gr.Error(f"the image is {width}x{height} pixels; the limit is {max_pixels:,} pixels")
-        return convert(file, *args, **kwargs)
 
-    editor.convert_and_format_image = checked
-    return editor
+def check_image_headers(component, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """`component` (any gr.Image / gr.ImageEditor / gr.Gallery; others are returned as they are)
+    refusing, from the header, any file of more than `max_pixels` before its own preprocess decodes anything."""
+    if not isinstance(component, IMAGE_INPUTS) or getattr(component, "_checks_headers", False):
+        return component
+    check = component.preprocess
+    what = component.label or "image"
+
+    def preprocess(payload):
+        for path in _image_paths(payload):
+            width, height = image_size(path, what)
+            if width * height > max_pixels:
+                raise gr.Error(html.escape(f"{what}: the image is too large: {width}x{height} pixels; "
+                                           f"the limit is {max_pixels:,} pixels"))
+        return check(payload)
+
+    component.preprocess = preprocess
+    component._checks_headers = True
+    return component
+
+
+def _image_paths(payload: Any):
+    """The files in an image input's payload: ImageData/FileData (`path`), EditorData (background,
+    layers, composite), GalleryData (root -> image), or the same as dicts."""
+    if payload is None or isinstance(payload, (str, bytes)):
+        return
+    if isinstance(payload, (list, tuple)):
+        for item in payload:
+            yield from _image_paths(item)
+        return
+    get = payload.get if isinstance(payload, dict) else (lambda key: getattr(payload, key, None))
+    if isinstance(get("path"), str):
+        yield get("path")
+        return
+    for key in _NESTED:
+        yield from _image_paths(get(key))
+
+
+def image_size(path: str, what: str = "image") -> tuple[int, int]:
+    """(width, height) from the file's header; nothing is decoded. Unreadable files are a gr.Error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:  # reads the header only
+                return im.size
+        except Image.DecompressionBombError as exc:  # over twice PIL's own guard
+            raise gr.Error(html.escape(f"{what}: the image is too large to open ({exc})")) from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise gr.Error(html.escape(f"{what}: the upload is not a readable image ({type(exc).__name__})")) from None
 
 
 # ---- response rewrite ---------------------------------------------------------------------------

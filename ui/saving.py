@@ -1,8 +1,8 @@
 """Where generated images go: numbered, prompt-named PNGs that carry their infotext."""
 from __future__ import annotations
 
+import contextlib
 import re
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -10,6 +10,8 @@ from pathlib import Path
 from PIL import Image
 
 from ldm import metadata
+
+from .tempfiles import owned_temp_dir
 
 
 class Saver:
@@ -21,7 +23,7 @@ class Saver:
 
     def __init__(self, folder: Path | None, temp_max_age: float = 0) -> None:
         self.folder = Path(folder) if folder is not None else None
-        self._temp = Path(tempfile.mkdtemp(prefix="ldm-ui-"))
+        self._temp = owned_temp_dir(self, "ldm-ui-")  # removed when the Saver goes or the process exits
         self._lock = threading.Lock()
         self._next: dict[Path, int] = {}
         self.temp_max_age = temp_max_age  # temp PNGs older than this are deleted (0 = kept)
@@ -64,11 +66,17 @@ class Saver:
             while path.exists():  # another process writes here too
                 number += 1
                 path = folder / safe_filename(number, seed, prompt)
-            self._next[folder] = number + 1
-            if infotext:
-                metadata.save_png(image, path, infotext)
-            else:
-                image.save(path, format="PNG")
+            try:
+                if infotext:
+                    metadata.save_png(image, path, infotext)
+                else:
+                    image.save(path, format="PNG")
+            except OSError:
+                # A full disk can leave part of a file; removed, it does not push the numbering on.
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+                raise
+            self._next[folder] = number + 1  # only a saved file uses up its number
             return path
 
 

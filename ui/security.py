@@ -1,4 +1,4 @@
-"""Web-server hardening on top of Gradio's own: one ASGI middleware and the launch() settings.
+"""Web-server hardening on top of Gradio's own: the access gate middleware and the launch() settings.
 
 Gradio's `auth=` protects most of its routes, but in 6.31 a dozen answer without a session
 (`/openapi.json`, `/gradio_api/user`, `/token`, `/app_id`, `/startup-events`, `/cancel`, `/reset`,
@@ -6,16 +6,17 @@ Gradio's `auth=` protects most of its routes, but in 6.31 a dozen answer without
 with auth on, a request without a valid Gradio session cookie gets 401 unless it is the login page
 or one of the static files that page loads. It also makes sure files served from
 `/gradio_api/file…` can never render as a page in the browser (HTML, SVG, XML, scripts, anything
-not a plain image: `Content-Disposition: attachment`, `application/octet-stream`), and adds
-`X-Content-Type-Options: nosniff` everywhere.
+not a plain image: `Content-Disposition: attachment`, `application/octet-stream`), drops the request
+headers Gradio copies into its ranged (206) file responses, and adds `X-Content-Type-Options:
+nosniff` everywhere.
 
 `launch_kwargs(...)` is what app.py (and the tests) pass to `demo.launch()`, so the settings that
-matter for safety live in one place. What the gate knows of Gradio's internals (its session cookies,
+matter for safety live in one place, including the other two middlewares (request-body limits and
+the login backoff, `ui.limits`). What the gate knows of Gradio's internals (its session cookies,
 its login page) is in `ui.gradio_compat`; the upload folder's sweeper is in `ui.tempfiles`.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,7 @@ from typing import Any
 from starlette.middleware import Middleware
 
 from . import gradio_compat
-
-MIB = 1024 * 1024
+from .limits import DEFAULT_MAX_FILES, DEFAULT_MAX_REQUEST_MB, MIB, LoginBackoff, LoginThrottle, RequestLimits, answer
 
 # What an unauthenticated browser needs to show the login form and log in: the page itself, the
 # login POST, and static files (the Svelte bundle, fonts, theme, icons). None of these carries the
@@ -37,10 +37,26 @@ PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
 # Served inline from /gradio_api/file…; every other type is downloaded, never rendered.
 INLINE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/gif"})
 FILE_ROUTES = ("/gradio_api/file=", "/gradio_api/file/")
+# What a file response may carry. Gradio 6.31 builds its 206 (Range) responses from a copy of the
+# request's headers (Cookie, Host, Content-Type, anything the client sent); only these survive.
+FILE_HEADERS = frozenset({
+    b"content-type", b"content-length", b"content-range", b"content-disposition", b"accept-ranges", b"etag",
+    b"last-modified", b"date", b"server", b"cache-control", b"x-content-type-options", b"vary", b"content-encoding",
+})
 
 
 def is_public(path: str) -> bool:
     return path in PUBLIC_EXACT or path.startswith(PUBLIC_PREFIXES)
+
+
+# The REST API (ui.sdapi) checks HTTP Basic itself: no UI session cookie is asked for there. Every
+# other protection of the gate (headers) still applies; without the API these paths are 404s.
+API_PREFIXES = ("/sdapi/", "/api/v1/jobs")
+API_EXACT = frozenset({"/docs"})
+
+
+def is_api(path: str) -> bool:
+    return path in API_EXACT or path.startswith(API_PREFIXES)
 
 
 class AccessGate:
@@ -59,7 +75,7 @@ class AccessGate:
         gradio_app = scope.get("app")
         path = scope.get("path", "")
         if (gradio_app is not None and gradio_compat.auth_enabled(gradio_app) and not gradio_compat.custom_auth(gradio_app)
-                and not is_public(path) and not gradio_compat.starting(gradio_app, path)
+                and not is_public(path) and not is_api(path) and not gradio_compat.starting(gradio_app, path)
                 and gradio_compat.session_user(gradio_app, scope) is None):
             return await self._refuse(scope, send)
         if scope["type"] == "websocket":
@@ -68,12 +84,12 @@ class AccessGate:
                 and gradio_compat.session_user(gradio_app, scope) is None):
             # The login page must not carry the API description (see ui.gradio_compat.strip_api_info).
             send = _rewrite_body(send, gradio_compat.strip_api_info)
-        file_route = path.startswith(FILE_ROUTES)
+        request_headers = scope.get("headers", []) if path.startswith(FILE_ROUTES) else None
 
         async def send_hardened(message) -> None:
             if message["type"] == "http.response.start":
                 message = dict(message)
-                message["headers"] = _harden(list(message.get("headers", [])), file_route)
+                message["headers"] = _harden(list(message.get("headers", [])), request_headers)
             await send(message)
 
         await self.app(scope, receive, send_hardened)
@@ -83,12 +99,7 @@ class AccessGate:
         if scope["type"] == "websocket":  # closing before accept makes the server answer 403
             await send({"type": "websocket.close", "code": 1008})
             return
-        body = json.dumps({"detail": "Not authenticated: log in first"}).encode()
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"),
-        ]})
-        await send({"type": "http.response.body", "body": body})
+        await answer(send, 401, "Not authenticated: log in first")
 
 
 def _rewrite_body(send, rewrite):
@@ -114,16 +125,23 @@ def _rewrite_body(send, rewrite):
     return wrapped
 
 
-def _harden(headers: list[tuple[bytes, bytes]], file_route: bool) -> list[tuple[bytes, bytes]]:
+def _harden(headers: list[tuple[bytes, bytes]], request_headers: list | None) -> list[tuple[bytes, bytes]]:
+    """nosniff everywhere; on file routes (`request_headers` given) only FILE_HEADERS, none of them
+    copied from the request, and anything but one plain-image type a download."""
     names = {k.lower() for k, _ in headers}
     if b"x-content-type-options" not in names:
         headers.append((b"x-content-type-options", b"nosniff"))
-    if not file_route:
+    if request_headers is None:
         return headers
-    ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"").decode("latin-1")
-    if ctype.split(";")[0].strip().lower() in INLINE_TYPES:
-        return headers
-    # Anything else (text/html, image/svg+xml, scripts, unknown) is a download, never a page.
+    sent = {(k.lower(), v) for k, v in request_headers}
+    headers = [(k, v) for k, v in headers if k.lower() in FILE_HEADERS
+               and ((k.lower(), v) not in sent or k.lower() in (b"content-type", b"content-disposition"))]
+    types = {v.decode("latin-1").split(";")[0].strip().lower() for k, v in headers if k.lower() == b"content-type"}
+    dispositions = [v for k, v in headers if k.lower() == b"content-disposition"]
+    # One content type, a plain image, and at most one disposition: else (text/html, image/svg+xml,
+    # scripts, a type the client sent alongside Gradio's) a download, never a page.
+    if len(types) == 1 and types <= INLINE_TYPES and len(dispositions) <= 1:
+        return list(dict.fromkeys(headers))  # a type sent twice with the same value: once
     kept = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-disposition")]
     return kept + [(b"content-type", b"application/octet-stream"), (b"content-disposition", b"attachment")]
 
@@ -139,8 +157,16 @@ def blocked_paths(auth_file: str | None = None, extra: Iterable[str | Path] = ()
 
 
 def launch_kwargs(*, auth: Sequence[tuple[str, str]] | None, max_upload_mb: float, outputs: Path | None,
-                  auth_file: str | None = None) -> dict[str, Any]:
+                  auth_file: str | None = None, max_request_mb: float = DEFAULT_MAX_REQUEST_MB,
+                  max_files: int = DEFAULT_MAX_FILES, login_backoff: LoginBackoff | None = None) -> dict[str, Any]:
     """The security-relevant arguments for `gr.Blocks.launch` (app.py adds host, port, share)."""
+    middleware = [
+        Middleware(AccessGate),
+        # Bodies are limited for every route (Gradio limits only each uploaded file) ...
+        Middleware(RequestLimits, max_bytes=int(max_request_mb * MIB), max_files=max_files),
+        # ... and failed logins slow the next attempt from the same address.
+        Middleware(LoginThrottle, backoff=login_backoff or LoginBackoff()),
+    ]
     return {
         "auth": list(auth) if auth else None,
         # Gradio refuses bigger uploads at /gradio_api/upload (413) before storing them; the
@@ -150,7 +176,7 @@ def launch_kwargs(*, auth: Sequence[tuple[str, str]] | None, max_upload_mb: floa
         "allowed_paths": [str(Path(outputs).resolve())] if outputs else [],
         "blocked_paths": blocked_paths(auth_file),
         # FastAPI's /openapi.json lists every route to anyone; the API is described at /gradio_api/info.
-        "app_kwargs": {"middleware": [Middleware(AccessGate)], "openapi_url": None},
+        "app_kwargs": {"middleware": middleware, "openapi_url": None},
         "ssr_mode": False,  # no Node.js front server: one process, one set of routes to check
         "mcp_server": False,
         "show_error": False,  # tracebacks stay in the server log; our own messages are gr.Error (escaped)

@@ -1,4 +1,5 @@
-"""The app's own upload/cache folder and the sweeper that keeps it bounded.
+"""The app's own upload/cache folder and the sweeper that keeps it bounded; per-process temp
+folders (`owned_temp_dir`: the Saver's temp PNGs) removed at exit, and those of dead processes swept.
 
 No Gradio import here: app.py calls `private_temp_dir()` and sets GRADIO_TEMP_DIR before Gradio is
 imported, because Gradio reads it at import time.
@@ -7,9 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -66,3 +70,39 @@ def private_temp_dir() -> Path:
     if configured:
         return Path(configured)
     return Path(tempfile.gettempdir()) / f"ldm-webui-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+
+def owned_temp_dir(owner: object, prefix: str) -> Path:
+    """A new `<tmp>/<prefix><pid>-xxxx` folder, deleted with everything in it when `owner` is
+    garbage-collected or the process exits. Folders of the same prefix left by processes that are
+    gone (killed, crashed) are deleted first."""
+    sweep_dead(Path(tempfile.gettempdir()), prefix)
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+    weakref.finalize(owner, shutil.rmtree, str(path), True)
+    return path
+
+
+def sweep_dead(folder: Path, prefix: str) -> int:
+    """Delete `folder/<prefix><pid>-*` folders of this user whose process no longer exists; -> count."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)-")
+    removed = 0
+    for path in folder.glob(prefix + "*"):
+        match = pattern.match(path.name)
+        try:
+            if (match and path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid()
+                    and not pid_alive(int(match[1]))):
+                shutil.rmtree(path)
+                removed += 1
+        except OSError:
+            pass  # in use, already gone, not ours to delete
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
