@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default=None)
         s.add_argument("--dtype", default=None)
         s.add_argument("--out", default="out.png", help="output PNG; batches get -1, -2, ... suffixes")
+        if task == "txt2img":
+            s.add_argument("--refiner", default=None, help="an SDXL refiner (folder, hub id or file) for the last steps")
+            s.add_argument("--refiner-switch-at", type=float, default=0.8, help="fraction of the steps before the refiner")
         if task == "img2img":
             s.add_argument("--image", required=True)
             s.add_argument("--strength", type=float, default=0.75)
@@ -60,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(step - bar.n)
 
         if args.task == "txt2img":
+            if args.refiner:
+                settings.update(refiner=ldm.load(args.refiner, device=args.device, dtype=args.dtype),
+                                refiner_switch_at=args.refiner_switch_at)
             result = pipe.txt2img(args.prompt, callback=progress, **settings)
         else:
             result = pipe.img2img(args.image, args.prompt, strength=args.strength, callback=progress, **settings)

@@ -149,7 +149,8 @@ def apply_offload(components, mode: str, device: torch.device) -> str:
         return "none"
     from accelerate import cpu_offload, cpu_offload_with_hook
 
-    order = (components.text_encoder, components.unet, components.vae)  # the order a generation uses them
+    encoders = (components.text_encoder, components.text_encoder_2)  # SDXL has a second one
+    order = (*(e for e in encoders if e is not None), components.unet, components.vae)  # the order a generation uses them
     if mode == "model":
         hook = None
         for module in order:

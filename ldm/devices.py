@@ -68,3 +68,12 @@ def resolve_dtypes(dtype: str | torch.dtype | None, device: torch.device, *, nat
             return ComponentDtypes(torch.bfloat16, torch.bfloat16, torch.float32)
         return ComponentDtypes.same(torch.float32)
     return ComponentDtypes.same(resolve_dtype(dtype, device))
+
+
+def force_upcast_vae(dtypes: ComponentDtypes, vae_config: dict) -> ComponentDtypes:
+    """SDXL's VAE overflows in float16 and its config says `force_upcast`: keep it in float32 (diffusers'
+    SDXL pipelines upcast it for every encode and decode), so no image comes out NaN (black). Only for
+    SDXL: SD 1.x VAE configs carry the same flag by default and diffusers ignores it there."""
+    if dtypes.vae == torch.float16 and vae_config.get("force_upcast", True):
+        return ComponentDtypes(dtypes.text_encoder, dtypes.unet, torch.float32)
+    return dtypes

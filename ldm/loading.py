@@ -15,11 +15,13 @@ import torch
 from . import single_file
 from .components import (KIND_BY_CHANNELS, Components, ModelKind, ModelLoadError, check_safetensors, require_complete,
                          require_regular, require_regular_files)
-from .devices import ComponentDtypes
+from .devices import ComponentDtypes, force_upcast_vae
 
 log = logging.getLogger(__name__)
 
 COMPONENT_DIRS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+SDXL_DIRS = ("tokenizer_2", "text_encoder_2")  # SDXL's second (OpenCLIP bigG) tokenizer and text encoder
+REFINER_LACKS = ("tokenizer", "text_encoder")  # an SDXL refiner folder has only the second pair
 
 
 def locate(model: str | os.PathLike, *, allow_download: bool = True) -> Path:
@@ -129,10 +131,12 @@ def load_components(model: str | os.PathLike, *, device: torch.device, dtype: to
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     root = locate(model, allow_download=allow_download)
-    missing = [d for d in COMPONENT_DIRS if not (root / d).is_dir()]
+    sdxl = (root / "text_encoder_2").is_dir()
+    refiner = sdxl and not (root / "text_encoder").is_dir()  # an SDXL refiner has only the second (bigG) encoder
+    missing = [d for d in COMPONENT_DIRS if not (root / d).is_dir() and not (refiner and d in REFINER_LACKS)]
     if missing:
         raise ModelLoadError(f"{root} is not a diffusers model folder: missing {', '.join(missing)}/")
-    for folder in (root, *(root / d for d in (*COMPONENT_DIRS, "low_res_scheduler") if (root / d).is_dir())):
+    for folder in (root, *(root / d for d in (*COMPONENT_DIRS, *SDXL_DIRS, "low_res_scheduler") if (root / d).is_dir())):
         require_regular_files(folder)  # a FIFO named config.json would block open() forever
 
     dtypes = dtype if isinstance(dtype, ComponentDtypes) else ComponentDtypes.same(dtype)
@@ -145,21 +149,42 @@ def load_components(model: str | os.PathLike, *, device: torch.device, dtype: to
         "vae": ("VAE", lambda f: AutoencoderKL.from_config(AutoencoderKL.load_config(f)),
                 lambda f: AutoencoderKL.from_pretrained(f, torch_dtype=dtypes.vae, **loaded)),
     }
+    if sdxl:
+        dtypes = force_upcast_vae(dtypes, _read_json(root / "vae" / "config.json"))
+        models.update(sdxl_models(root, dtypes, loaded))
+    if refiner:
+        del models["text_encoder"]
     files = {d: _checked_weights(root / d, what, skeleton) for d, (what, skeleton, _) in models.items()}
+    tokenizers = [t for t in ("tokenizer", *(("tokenizer_2",) if sdxl else ())) if not (refiner and t in REFINER_LACKS)]
     with _component_errors(root / "tokenizer", "tokenizer", (Exception,)):  # the tokenizers library raises bare Exception
-        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+        toks = {t: CLIPTokenizer.from_pretrained(root / t) for t in tokenizers}
     scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
-    text_encoder, unet, vae = (_load_checked(root / d, what, files[d], load) for d, (what, _, load) in models.items())
-    for m in (text_encoder, unet, vae):
+    built = {d: _load_checked(root / d, what, files[d], load) for d, (what, _, load) in models.items()}
+    for m in built.values():
         m.to(device).eval().requires_grad_(False)
+    unet = built["unet"]
 
     channels = unet.config.in_channels
     if channels not in KIND_BY_CHANNELS:
         raise ModelLoadError(f"{root}: U-Net with {channels} input channels is not a known kind (4, 7 or 9)")
     name = root.name if Path(model).expanduser().is_dir() else str(model)
-    kind = KIND_BY_CHANNELS[channels]
+    kind = ModelKind.REFINER if refiner else KIND_BY_CHANNELS[channels]
     extras = _upscaler_extras(root) if kind == ModelKind.UPSCALE else {}
-    return Components(tokenizer, text_encoder, unet, vae, scheduler_config, root, name, kind, **extras)
+    if sdxl:
+        extras.update(tokenizer_2=toks["tokenizer_2"], text_encoder_2=built["text_encoder_2"])
+    return Components(toks.get("tokenizer"), built.get("text_encoder"), unet, built["vae"], scheduler_config, root,
+                      name, kind, **extras)
+
+
+def sdxl_models(root: Path, dtypes: ComponentDtypes, loaded: dict) -> dict:
+    """SDXL's text_encoder_2 (CLIPTextModelWithProjection) as a `models` entry of load_components."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    if not (root / "tokenizer_2").is_dir():
+        raise ModelLoadError(f"{root} has text_encoder_2/ but no tokenizer_2/ (an SDXL folder has both)")
+    return {"text_encoder_2": (
+        "second text encoder", lambda f: CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(f)),
+        lambda f: CLIPTextModelWithProjection.from_pretrained(f, dtype=dtypes.text_encoder, **loaded))}
 
 
 def _upscaler_extras(root: Path) -> dict:

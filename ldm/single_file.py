@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import pickle
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +24,15 @@ import torch
 
 from .components import (Components, ModelKind, ModelLoadError, check_safetensors, require_complete, require_regular,
                          require_regular_files)
-from .devices import ComponentDtypes
+from .devices import ComponentDtypes, force_upcast_vae
 
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 SD15_CONFIG = Path(__file__).resolve().parent / "configs" / "sd15"
+SDXL_CONFIG = Path(__file__).resolve().parent / "configs" / "sdxl"
+SDXL_REFINER_CONFIG = Path(__file__).resolve().parent / "configs" / "sdxl-refiner"
 # The CLIP tokenizer ships once, as package data; config folders reference it instead of copying it.
 DEFAULT_TOKENIZER = Path(__file__).resolve().parent / "configs" / "clip-tokenizer"
 
@@ -38,11 +41,15 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: OpenAI CLIP ViT-L/14 text model
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14
 SDXL_PREFIX = "conditioner."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL base: CLIP ViT-L (HF names)
+SDXL_BIGG_PREFIX = "conditioner.embedders.1.model."  # SDXL base: OpenCLIP ViT-bigG (original names)
+SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."  # SDXL refiner: bigG only
 CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 V_PRED_MARKER = "v_pred"  # empty tensor some trainers add to mark v-prediction checkpoints
 
 SUPPORTED = ("supported single-file checkpoints: Stable Diffusion 1.x (base or 9-channel inpainting, "
-             "epsilon or marked v-prediction) as .safetensors, or as a pickle with allow_pickle=True")
+             "epsilon or marked v-prediction), SDXL base (base or 9-channel inpainting) and SDXL refiner as "
+             ".safetensors, or as a pickle with allow_pickle=True")
 
 
 def is_single_file(model: str | os.PathLike) -> bool:
@@ -55,7 +62,7 @@ def is_single_file(model: str | os.PathLike) -> bool:
 class Layout:
     """What the keys and shapes of an original-layout checkpoint say about the model."""
 
-    family: str  # "sd1" (CLIP text encoder) or "sd2" (OpenCLIP)
+    family: str  # "sd1" (CLIP text encoder), "sd2" (OpenCLIP), "sdxl" (CLIP + OpenCLIP bigG), "sdxl-refiner" (bigG)
     in_channels: int  # 4 base, 9 inpainting
     v_prediction: bool
 
@@ -74,8 +81,12 @@ def _looks_like_pickle(file: Path) -> bool:
     return head == b"PK" or head[:1] == b"\x80"
 
 
-def read_state_dict(file: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of a single-file checkpoint. The format is decided by content, not by name."""
+def read_state_dict(file: Path, *, allow_pickle: bool = False, dtypes: ComponentDtypes | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a single-file checkpoint. The format is decided by content, not by name.
+
+    With `dtypes`, floating-point tensors of a .safetensors file are converted to their component's dtype
+    one at a time as they are read, so a conversion (fp16 file -> bf16 or fp32 weights) never holds the
+    whole file and the whole converted model at once."""
     require_regular(file)  # "no such file"; a FIFO, device or directory is refused before open() can block on it
     if file.suffix.lower() != ".safetensors" and _looks_like_pickle(file):
         return _read_pickle(file, allow_pickle=allow_pickle)
@@ -83,9 +94,67 @@ def read_state_dict(file: Path, *, allow_pickle: bool = False) -> dict[str, torc
     from safetensors.torch import load_file
 
     try:
+        if dtypes is not None and _needs_conversion(file, dtypes):
+            return _read_converting(file, dtypes)
         return load_file(file)  # memory-mapped: tensors are read as they are used
     except Exception as exc:  # header passed the checks but the tensors do not parse
         raise ModelLoadError(f"corrupt or incomplete file: {file} ({exc})") from None
+
+
+def _header(file: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], bool]:
+    """(tensors, complete): a .safetensors file's tensors as meta-device placeholders of the right shapes,
+    from its header alone (enough for `detect`), or a pickle's real tensors."""
+    require_regular(file)
+    if file.suffix.lower() != ".safetensors" and _looks_like_pickle(file):
+        return _read_pickle(file, allow_pickle=allow_pickle), True
+    shapes = check_safetensors(file)
+    return {k: torch.empty(shape, device="meta") for k, (_, shape) in shapes.items()}, False
+
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+
+
+def _safetensors_header(file: Path) -> tuple[dict, int]:
+    """(header, offset of the data) of a file `check_safetensors` accepted."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def _needs_conversion(file: Path, dtypes: ComponentDtypes) -> bool:
+    header, _ = _safetensors_header(file)
+    if any(info["dtype"] not in _TORCH_DTYPES for info in header.values()):
+        return False  # exotic dtypes: safetensors reads them, from_single_file converts
+    return any(_TORCH_DTYPES[info["dtype"]].is_floating_point and _TORCH_DTYPES[info["dtype"]] != _component_dtype(k, dtypes)
+               for k, info in header.items())
+
+
+def _read_converting(file: Path, dtypes: ComponentDtypes) -> dict[str, torch.Tensor]:
+    """Read tensor by tensor, each converted to its component's dtype at once: the peak is the converted
+    model plus one tensor, not the whole file plus the converted model (safetensors' reader copies the file)."""
+    header, data = _safetensors_header(file)
+    out = {}
+    with open(file, "rb") as f:
+        for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            dtype = _TORCH_DTYPES[info["dtype"]]
+            buffer = bytearray(end - begin)
+            f.seek(data + begin)
+            f.readinto(buffer)
+            tensor = (torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)).reshape(info["shape"])
+            want = _component_dtype(key, dtypes)
+            out[key] = tensor.to(want) if dtype.is_floating_point and dtype != want else tensor
+    return out
+
+
+def _component_dtype(key: str, dtypes: ComponentDtypes) -> torch.dtype:
+    if key.startswith(UNET_PREFIX):
+        return dtypes.unet
+    return dtypes.vae if key.startswith(VAE_PREFIX) else dtypes.text_encoder
 
 
 def _read_pickle(file: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -119,8 +188,6 @@ def _read_pickle(file: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
 def detect(state_dict: dict[str, torch.Tensor], file: Path) -> Layout:
     """Read the model family from keys and shapes; refuse what this library cannot run."""
     keys = state_dict.keys()
-    if any(k.startswith(SDXL_PREFIX) for k in keys):
-        raise ModelLoadError(f"{file} is an SDXL checkpoint, which this library does not run; {SUPPORTED}")
     if CONV_IN not in state_dict:
         raise ModelLoadError(
             f"{file} is not a full Stable Diffusion checkpoint (no U-Net under '{UNET_PREFIX}'); LoRAs, VAEs and "
@@ -128,7 +195,9 @@ def detect(state_dict: dict[str, torch.Tensor], file: Path) -> Layout:
         )
     if not any(k.startswith(VAE_PREFIX) for k in keys):
         raise ModelLoadError(f"{file} has no VAE ('{VAE_PREFIX}*'); a full checkpoint is needed. {SUPPORTED}")
-    if any(k.startswith(CLIP_PREFIX) for k in keys):
+    if any(k.startswith(SDXL_PREFIX) for k in keys):
+        family = _sdxl_family(keys, file)
+    elif any(k.startswith(CLIP_PREFIX) for k in keys):
         family = "sd1"
     elif any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
         family = "sd2"
@@ -143,14 +212,28 @@ def detect(state_dict: dict[str, torch.Tensor], file: Path) -> Layout:
     return Layout(family, in_channels, V_PRED_MARKER in state_dict)
 
 
+def _sdxl_family(keys, file: Path) -> str:
+    clip, bigg = (any(k.startswith(p) for k in keys) for p in (SDXL_CLIP_PREFIX, SDXL_BIGG_PREFIX))
+    if clip and bigg:
+        return "sdxl"
+    if any(k.startswith(SDXL_REFINER_PREFIX) for k in keys) and not clip:
+        return "sdxl-refiner"
+    found = sorted({".".join(k.split(".")[:4]) for k in keys if k.startswith(SDXL_PREFIX)})[:4]
+    raise ModelLoadError(f"{file} has SDXL-style text encoders ('{SDXL_PREFIX}*') but neither SDXL base's pair "
+                         f"('{SDXL_CLIP_PREFIX}*' and '{SDXL_BIGG_PREFIX}*') nor the refiner's '{SDXL_REFINER_PREFIX}*'; "
+                         f"found {', '.join(found)}. {SUPPORTED}")
+
+
 def _config_folder(layout: Layout, config: str | os.PathLike | None, file: Path) -> Path:
     if config is not None:
         folder = Path(config).expanduser()
         for sub in (folder / d for d in ("unet", "vae", "text_encoder", "scheduler", "tokenizer")):
             if sub.is_dir():
                 require_regular_files(sub)  # a FIFO named config.json would block open() forever
-        missing = [p for p in ("unet/config.json", "vae/config.json", "text_encoder/config.json",
-                               "scheduler/scheduler_config.json") if not (folder / p).is_file()]
+        needed = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json",
+                  *(() if layout.family == "sdxl-refiner" else ("text_encoder/config.json",)),
+                  *(("text_encoder_2/config.json",) if layout.family.startswith("sdxl") else ()))
+        missing = [p for p in needed if not (folder / p).is_file()]
         if missing:
             raise ModelLoadError(f"config folder {folder} lacks {', '.join(missing)} (a diffusers model folder layout is expected)")
         return folder
@@ -161,11 +244,11 @@ def _config_folder(layout: Layout, config: str | os.PathLike | None, file: Path)
             f"is not loaded with a guessed config. Use its diffusers folder, or pass config=<a diffusers folder of the "
             f"same model> ({SUPPORTED})"
         )
-    return SD15_CONFIG
+    return {"sdxl": SDXL_CONFIG, "sdxl-refiner": SDXL_REFINER_CONFIG}.get(layout.family, SD15_CONFIG)
 
 
-def _tokenizer_folder(config: Path) -> Path:
-    folder = config / "tokenizer" if (config / "tokenizer").is_dir() else DEFAULT_TOKENIZER
+def _tokenizer_folder(config: Path, name: str = "tokenizer") -> Path:
+    folder = config / name if (config / name).is_dir() else DEFAULT_TOKENIZER
     if not (folder / "vocab.json").is_file():
         raise ModelLoadError(f"CLIP tokenizer not found at {folder} (expected vocab.json and merges.txt)")
     return folder
@@ -176,34 +259,45 @@ def _tokenizer_folder(config: Path) -> Path:
 
 def load_single_file(file: str | os.PathLike, *, device: torch.device, dtype: torch.dtype | ComponentDtypes,
                      allow_pickle: bool = False, config: str | os.PathLike | None = None) -> Components:
-    """Components from one checkpoint file; `config` overrides the bundled SD 1.5 config folder."""
+    """Components from one checkpoint file; `config` overrides the bundled config folder (SD 1.5 or SDXL)."""
     file = Path(file).expanduser()
-    state_dict = read_state_dict(file, allow_pickle=allow_pickle)
+    state_dict, complete = _header(file, allow_pickle)
     layout = detect(state_dict, file)
     folder = _config_folder(layout, config, file)
     dtypes = dtype if isinstance(dtype, ComponentDtypes) else ComponentDtypes.same(dtype)
+    sdxl, refiner = layout.family.startswith("sdxl"), layout.family == "sdxl-refiner"
+    if sdxl:
+        dtypes = force_upcast_vae(dtypes, json.loads((folder / "vae" / "config.json").read_text()))
+    if not complete:  # safetensors: now read, each tensor converted to its component's dtype as it comes
+        state_dict = read_state_dict(file, dtypes=dtypes)
 
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(_tokenizer_folder(folder))
-    text_encoder, unet, vae = _build_models(state_dict, folder, layout, dtypes, file)
+    tokenizer = None if refiner else CLIPTokenizer.from_pretrained(_tokenizer_folder(folder))
+    models = _build_models(state_dict, folder, layout, dtypes, file)
     del state_dict  # the converted copies live in the models now
+    text_encoder, unet, vae = models.get("text encoder"), models["U-Net"], models["VAE"]
+    extras = {}
+    if sdxl:  # OpenCLIP's tokenizer: CLIP's vocabulary, padded with "!" (id 0)
+        tokenizer_2 = (CLIPTokenizer.from_pretrained(folder / "tokenizer_2") if (folder / "tokenizer_2").is_dir()
+                       else CLIPTokenizer.from_pretrained(DEFAULT_TOKENIZER, pad_token="!"))
+        extras = {"tokenizer_2": tokenizer_2, "text_encoder_2": models["second text encoder"]}
 
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     if layout.v_prediction:
         scheduler_config["prediction_type"] = "v_prediction"
-    for m in (text_encoder, unet, vae):
+    for m in models.values():
         m.to(device).eval().requires_grad_(False)
-    kind = ModelKind.INPAINT if layout.in_channels == 9 else ModelKind.BASE
+    kind = ModelKind.REFINER if refiner else ModelKind.INPAINT if layout.in_channels == 9 else ModelKind.BASE
     log.info("loaded %s (%s, %s, %d-channel U-Net) with configs from %s", file.name, layout.family,
              scheduler_config.get("prediction_type", "epsilon"), layout.in_channels, folder)
-    return Components(tokenizer, text_encoder, unet, vae, scheduler_config, file, file.stem, kind)
+    return Components(tokenizer, text_encoder, unet, vae, scheduler_config, file, file.stem, kind, **extras)
 
 
 def _build_models(state_dict: dict, folder: Path, layout: Layout, dtypes: ComponentDtypes, file: Path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     offline = {"config": str(folder), "local_files_only": True}
     steps = {
@@ -214,7 +308,12 @@ def _build_models(state_dict: dict, folder: Path, layout: Layout, dtypes: Compon
             state_dict, subfolder="unet", torch_dtype=dtypes.unet, in_channels=layout.in_channels, **offline),
         "VAE": lambda: AutoencoderKL.from_single_file(state_dict, subfolder="vae", torch_dtype=dtypes.vae, **offline),
     }
-    models = []
+    if layout.family == "sdxl-refiner":
+        del steps["text encoder"]
+    if layout.family.startswith("sdxl"):
+        steps["second text encoder"] = lambda: create_diffusers_clip_model_from_ldm(
+            CLIPTextModelWithProjection, state_dict, subfolder="text_encoder_2", torch_dtype=dtypes.text_encoder, **offline)
+    models = {}
     for name, build in steps.items():
         try:
             model = build()
@@ -224,6 +323,6 @@ def _build_models(state_dict: dict, folder: Path, layout: Layout, dtypes: Compon
                 f"{str(exc)[:300]}). {SUPPORTED}; for other architectures pass config=<matching diffusers folder>"
             ) from None
         require_complete(model, name, file, where=f" for the config in {folder}", hint=f". {SUPPORTED}")
-        models.append(model)
+        models[name] = model
     return models
 

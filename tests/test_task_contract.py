@@ -30,6 +30,15 @@ def mask(w=32, h=32) -> Image.Image:
     return Image.fromarray(m)
 
 
+def _cn(pipe, cache={}) -> list:
+    """One ControlNet unit (a tiny random ControlNet copied from the pipe's U-Net, weight 0.8, steps 0-70%)."""
+    if id(pipe) not in cache:
+        from test_controlnet import random_controlnet
+
+        cache[id(pipe)] = random_controlnet(pipe.unet, seed=1)
+    return [ldm.ControlUnit(cache[id(pipe)], picture(seed=5), weight=0.8, end=0.7)]
+
+
 # name -> (pipeline fixture, call(pipe, prompt, **settings))
 TASKS = {
     "txt2img": ("base_pipe", lambda p, prompt, **kw: p.txt2img(prompt, width=32, height=32, **kw)),
@@ -41,6 +50,16 @@ TASKS = {
     "hires_fix": ("base_pipe", lambda p, prompt, **kw: p.hires_fix(picture(), prompt, scale=1.5, upscaler="lanczos", **kw)),
     "upscale": ("up_pipe", lambda p, prompt, **kw: p.upscale(picture(16, 16), prompt, **kw)),
     "fast txt2img": ("base_pipe", lambda p, prompt, **kw: p.txt2img(prompt, width=32, height=32, fast=True, **kw)),
+    "txt2img+controlnet": ("base_pipe", lambda p, prompt, **kw: p.txt2img(prompt, width=32, height=32, control=_cn(p), **kw)),
+    "img2img+controlnet": ("base_pipe", lambda p, prompt, **kw: p.img2img(picture(), prompt, strength=0.7, control=_cn(p), **kw)),
+    "inpaint+controlnet": ("base_pipe", lambda p, prompt, **kw: p.inpaint(picture(), mask(), prompt, mask_blur=0, control=_cn(p),
+                                                                           **kw)),
+    "sdxl txt2img": ("sdxl_pipe", lambda p, prompt, **kw: p.txt2img(prompt, width=32, height=24, **kw)),
+    "sdxl img2img": ("sdxl_pipe", lambda p, prompt, **kw: p.img2img(picture(), prompt, strength=0.7, **kw)),
+    "sdxl inpaint": ("sdxl_pipe", lambda p, prompt, **kw: p.inpaint(picture(), mask(), prompt, mask_blur=0, **kw)),
+    "sdxl fast txt2img": ("sdxl_pipe", lambda p, prompt, **kw: p.txt2img(prompt, width=32, height=24, fast=True, **kw)),
+    "sdxl txt2img+hires": ("sdxl_pipe", lambda p, prompt, **kw: p.txt2img(prompt, width=32, height=24, hires_scale=1.5, **kw)),
+    "sdxl outpaint": ("sdxl_pipe", lambda p, prompt, **kw: p.outpaint(picture(24, 32), prompt, right=8, **kw)),
 }
 
 
@@ -49,6 +68,13 @@ def inpaint_pipe(tmp_path_factory):
     folder = tiny.save_model(tmp_path_factory.mktemp("contract-inpaint"), unet_model=tiny.unet(seed=1, in_channels=9),
                              pipeline_class="StableDiffusionInpaintPipeline")
     return ldm.load(folder, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(tmp_path_factory):
+    import tiny_sdxl
+
+    return ldm.load(tiny_sdxl.save_model(tmp_path_factory.mktemp("contract-sdxl")), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -211,3 +211,14 @@ def test_fifo_in_a_single_file_config_folder_is_refused(base_model, tmp_path):
     os.mkfifo(fifo)
     error = load_without_hanging(fifo, checkpoint, config=config, device="cpu")
     assert isinstance(error, ModelLoadError) and f"{fifo} is not a regular file (a FIFO)" in str(error), error
+
+
+def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path):
+    """1 safetensors file in 256 has a header length whose first byte is 0x80 (pickle's PROTO opcode)."""
+    file = tmp_path / "model.safetensors"
+    for pad in range(512):
+        save_file({"w": torch.zeros(2)}, file, metadata={"pad": "x" * pad})
+        if file.read_bytes()[:1] == b"\x80":
+            break
+    assert file.read_bytes()[:1] == b"\x80"
+    assert check_safetensors(file) == {"w": ("F32", (2,))}

@@ -67,8 +67,8 @@ def unsupported_reason(unet) -> str | None:
     needed = ("conv_in", "down_blocks", "up_blocks", "mid_block", "conv_out", "get_time_embed")
     if not all(hasattr(unet, n) for n in needed) or len(unet.up_blocks) < 2:
         return "not a diffusers UNet2DConditionModel"
-    if getattr(unet.config, "addition_embed_type", None) is not None:
-        return "models with added embeddings (SDXL-style) are not supported"
+    if getattr(unet.config, "addition_embed_type", None) not in (None, "text_time"):
+        return "added embeddings other than SDXL's pooled text + time ids are not supported"
     if hasattr(unet, "_hf_hook"):
         return "the U-Net is offloaded with accelerate hooks that run on its forward only"
     # The last up block must need only the skips of conv_in and the first down block's resnets.
@@ -78,7 +78,7 @@ def unsupported_reason(unet) -> str | None:
 
 
 class DeepCacheUNet:
-    """Calls like the U-Net (`(sample, t, encoder_hidden_states=, class_labels=, return_dict=False)`);
+    """Calls like the U-Net (`(sample, t, encoder_hidden_states=, class_labels=, added_cond_kwargs=, return_dict=False)`);
     call n runs the full network when n % interval == 0 and the shallow path otherwise."""
 
     def __init__(self, unet, interval: int):
@@ -97,22 +97,23 @@ class DeepCacheUNet:
         return self.unet.config
 
     def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                 class_labels: torch.Tensor | None = None, return_dict: bool = False, **unsupported) -> tuple[torch.Tensor]:
+                 class_labels: torch.Tensor | None = None, return_dict: bool = False,
+                 added_cond_kwargs: dict | None = None, **unsupported) -> tuple[torch.Tensor]:
         if any(v is not None for v in unsupported.values()):
             raise ValueError(f"the fast preset cannot be combined with {', '.join(sorted(unsupported))} (U-Net residuals "
-                             "or added conditioning); turn fast off")
+                             "or other extra U-Net inputs); turn fast off")
         full = self.deep is None or self.calls % self.interval == 0
         self.calls += 1
         if full:
             self.full_calls += 1
-            out = self._full(sample, timestep, encoder_hidden_states, class_labels)
+            out = self._full(sample, timestep, encoder_hidden_states, class_labels, added_cond_kwargs)
         else:
-            out = self._shallow(sample, timestep, encoder_hidden_states, class_labels)
+            out = self._shallow(sample, timestep, encoder_hidden_states, class_labels, added_cond_kwargs)
         return (out,)
 
     # -- the two paths share the embedding prologue and the output epilogue of the U-Net ----------
 
-    def _prologue(self, sample, timestep, ehs, class_labels):
+    def _prologue(self, sample, timestep, ehs, class_labels, added):
         u = self.unet
         if u.config.center_input_sample:
             sample = 2 * sample - 1.0
@@ -120,9 +121,12 @@ class DeepCacheUNet:
         class_emb = u.get_class_embed(sample=sample, class_labels=class_labels)
         if class_emb is not None:
             emb = torch.cat([emb, class_emb], dim=-1) if u.config.class_embeddings_concat else emb + class_emb
+        aug_emb = u.get_aug_embed(emb=emb, encoder_hidden_states=ehs, added_cond_kwargs=added or {})  # SDXL: pooled + sizes
+        if aug_emb is not None:
+            emb = emb + aug_emb
         if u.time_embed_act is not None:
             emb = u.time_embed_act(emb)
-        ehs = u.process_encoder_hidden_states(encoder_hidden_states=ehs, added_cond_kwargs=None)
+        ehs = u.process_encoder_hidden_states(encoder_hidden_states=ehs, added_cond_kwargs=added)
         return u.conv_in(sample), emb, ehs
 
     def _epilogue(self, h: torch.Tensor) -> torch.Tensor:
@@ -131,9 +135,9 @@ class DeepCacheUNet:
             h = u.conv_act(u.conv_norm_out(h))
         return u.conv_out(h)
 
-    def _full(self, sample, timestep, ehs, class_labels) -> torch.Tensor:
+    def _full(self, sample, timestep, ehs, class_labels, added) -> torch.Tensor:
         u = self.unet
-        h, emb, ehs = self._prologue(sample, timestep, ehs, class_labels)
+        h, emb, ehs = self._prologue(sample, timestep, ehs, class_labels, added)
         skips: tuple[torch.Tensor, ...] = (h,)
         for block in u.down_blocks:
             h, res = _down(block, h, emb, ehs)
@@ -155,9 +159,9 @@ class DeepCacheUNet:
             h = _up(block, h, emb, ehs, res, size)
         return self._epilogue(h)
 
-    def _shallow(self, sample, timestep, ehs, class_labels) -> torch.Tensor:
+    def _shallow(self, sample, timestep, ehs, class_labels, added) -> torch.Tensor:
         u = self.unet
-        h, emb, ehs = self._prologue(sample, timestep, ehs, class_labels)
+        h, emb, ehs = self._prologue(sample, timestep, ehs, class_labels, added)
         _, res = _down(u.down_blocks[0], h, emb, ehs)
         skips = ((h,) + res)[: len(u.up_blocks[-1].resnets)]
         deep = self.deep

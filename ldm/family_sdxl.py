@@ -1,0 +1,142 @@
+"""The SDXL family: two text encoders, pooled text embeddings and size conditioning.
+
+Prompt semantics are A1111's (and match diffusers' `StableDiffusionXLPipeline` where diffusers has
+the feature):
+
+* both encoders encode the same prompt in the same 75-token chunks (one BPE vocabulary, so one
+  chunking; BREAK, weights and comma backtracking as for SD 1.x). CLIP-L pads with EOS, OpenCLIP
+  bigG (`tokenizer_2`) with "!" (id 0);
+* each encoder gives its penultimate hidden state without the final LayerNorm; clip skip n reads
+  hidden state -(n + 1) of both encoders, for prompt and negative prompt alike (diffusers'
+  `clip_skip=n-1`, which it applies to the prompt only);
+* weights are applied and the chunk's mean restored per encoder, then the two are concatenated on
+  the channel axis;
+* the pooled vector is bigG's projected EOS output of the first chunk, before weighting;
+* an empty negative prompt gives all-zero embeddings and pooled vector (diffusers'
+  `force_zeros_for_empty_prompt` with `negative_prompt=None`);
+* size conditioning: original = target = (height, width), crop (0, 0); a refiner U-Net (5 time ids)
+  gets an aesthetic score instead of the target size (6.0 for the prompt, 2.5 for the negative).
+
+The pooled vectors and time ids reach the U-Net through `AddedConditioning`, a loop extension whose
+`unet_kwargs` passes `added_cond_kwargs` in the loop's [uncond, cond] row order.
+"""
+from __future__ import annotations
+
+import torch
+
+from .components import Components, ModelLoadError
+from .conditioning import Conditioning
+from .denoise import Extension, StepInfo
+from .guidance import uses_cfg
+from .latents import vae_scale_factor
+from .params import GenerationParams
+from .prompts import Chunk, PromptEncoder, chunk_prompt
+
+AESTHETIC_SCORE = 6.0  # refiner defaults, as diffusers
+NEGATIVE_AESTHETIC_SCORE = 2.5
+
+
+def is_sdxl(components: Components) -> bool:
+    """SDXL U-Nets take added "text_time" conditioning (pooled text embeddings + size ids)."""
+    return getattr(components.unet.config, "addition_embed_type", None) == "text_time"
+
+
+class SDXLPromptEncoder(PromptEncoder):
+    """One SDXL text encoder: hidden state -(clip_skip + 1), no final norm."""
+
+    def hidden(self, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+        return self.hidden_and_pooled(ids, clip_skip)[0]
+
+    def hidden_and_pooled(self, ids: torch.Tensor, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.text_encoder(ids, output_hidden_states=True)
+        return out.hidden_states[-(clip_skip + 1)], getattr(out, "text_embeds", None)
+
+
+class AddedConditioning(Extension):
+    """SDXL's `added_cond_kwargs`: pooled text embeddings [B, proj] and time ids [B, n] per image,
+    for the conditional and (when guided) the unconditional rows."""
+
+    def __init__(self, pooled: torch.Tensor, time_ids: torch.Tensor, uncond_pooled: torch.Tensor | None,
+                 uncond_time_ids: torch.Tensor | None):
+        self.cond = {"text_embeds": pooled, "time_ids": time_ids}
+        self.both = None if uncond_pooled is None else {
+            "text_embeds": torch.cat([uncond_pooled, pooled]), "time_ids": torch.cat([uncond_time_ids, time_ids])}
+
+    def unet_kwargs(self, step: StepInfo) -> dict:
+        # Not step.batch(): the unconditional rows differ from the conditional ones.
+        return {"added_cond_kwargs": self.both if step.guided else self.cond}
+
+
+class SDXLFamily:
+    """SDXL base (CLIP-L + OpenCLIP bigG) and refiner (bigG only) models."""
+
+    name = "sdxl"
+
+    def __init__(self, components: Components):
+        if components.text_encoder_2 is None or components.tokenizer_2 is None:
+            raise ModelLoadError(f"{components.name}: an SDXL U-Net needs text_encoder_2 and tokenizer_2 (OpenCLIP "
+                                 "bigG), which were not loaded")
+        self.encoder_2 = SDXLPromptEncoder(components.tokenizer_2, components.text_encoder_2)
+        self.encoder_1 = (None if components.text_encoder is None
+                          else SDXLPromptEncoder(components.tokenizer, components.text_encoder))
+        self.encoders = [e for e in (self.encoder_1, self.encoder_2) if e is not None]
+        self.prompts = self.encoders[0]
+        self.unet = components.unet
+        self.default_size = int(components.unet.config.sample_size) * vae_scale_factor(components.vae)
+        self.max_clip_skip = min(int(e.text_encoder.config.num_hidden_layers) for e in self.encoders)
+        self.time_ids_count = _time_ids_count(components)
+        self.is_refiner = self.encoder_1 is None
+
+    def token_count(self, text: str) -> int:
+        return self.prompts.token_count(text)
+
+    def encode(self, p: GenerationParams) -> Conditioning:
+        guided = uses_cfg(p.guidance_scale)
+        chunks = chunk_prompt(p.prompt, self.prompts.tokenizer)
+        negative = chunk_prompt(p.negative_prompt, self.prompts.tokenizer) if guided else []
+        n = max(len(chunks), len(negative))
+        # The shorter side is padded with empty chunks so both have the same sequence length.
+        chunks += [Chunk() for _ in range(n - len(chunks))]
+        cond, pooled = self.encode_chunks(chunks, p.clip_skip)
+        uncond = uncond_pooled = None
+        if guided and p.negative_prompt == "":
+            uncond, uncond_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
+        elif guided:
+            negative += [Chunk() for _ in range(n - len(negative))]
+            uncond, uncond_pooled = self.encode_chunks(negative, p.clip_skip)
+        b = p.batch_size
+        dtype = self.unet.dtype
+        time_ids = self.time_ids(p.height, p.width, AESTHETIC_SCORE)
+        added = AddedConditioning(
+            pooled.to(dtype).repeat(b, 1), time_ids.repeat(b, 1),
+            None if uncond is None else uncond_pooled.to(dtype).repeat(b, 1),
+            None if uncond is None else self.time_ids(p.height, p.width, NEGATIVE_AESTHETIC_SCORE).repeat(b, 1))
+        return Conditioning(cond.repeat(b, 1, 1), None if uncond is None else uncond.repeat(b, 1, 1), (added,))
+
+    def encode_chunks(self, chunks: list[Chunk], clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([1, 77 * chunks, dim_1 + dim_2] embeddings, [1, proj] pooled vector of the first chunk)."""
+        parts, pooled = [], None
+        for enc in self.encoders:
+            z, pooled_rows = enc.hidden_and_pooled(enc.token_ids(chunks), clip_skip)
+            if enc is self.encoder_2:
+                pooled = pooled_rows[:1]
+            parts.append(enc.weighted(z, chunks).to(self.encoder_2.text_encoder.dtype))
+        return torch.cat(parts, dim=-1), pooled
+
+    def time_ids(self, height: int, width: int, aesthetic_score: float) -> torch.Tensor:
+        """[1, n]: (h, w) + crop (0, 0) + target (h, w) for the base; + aesthetic score instead of the target for a refiner."""
+        tail = (height, width) if self.time_ids_count == 6 else (aesthetic_score,)
+        ids = (height, width, 0, 0, *tail)
+        return torch.tensor([ids], dtype=self.unet.dtype, device=self.unet.device)
+
+
+def _time_ids_count(components: Components) -> int:
+    """6 (base: sizes) or 5 (refiner: aesthetic score), from the U-Net's added-embedding input width."""
+    unet, enc = components.unet, components.text_encoder_2
+    width = unet.add_embedding.linear_1.in_features - int(enc.config.projection_dim)
+    count, rest = divmod(width, int(unet.config.addition_time_embed_dim))
+    if rest or count not in (5, 6):
+        raise ModelLoadError(f"{components.name}: the U-Net's added embedding takes {unet.add_embedding.linear_1.in_features} "
+                         f"inputs, which fits neither SDXL base (6 time ids) nor refiner (5) with a text_encoder_2 "
+                         f"projection of {enc.config.projection_dim}")
+    return count
