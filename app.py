@@ -37,9 +37,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Text-to-image web UI (ldm + Gradio).")
-    p.add_argument("--model", default=env("MODEL", str(DEFAULT_MODEL)), help="diffusers folder or hub id of the base model (default: weights/demo)")
+    p.add_argument("--model", default=env("MODEL", str(DEFAULT_MODEL)),
+                   help="diffusers folder, single file, hub id, or a checkpoint name from --models-dir (default: weights/demo)")
     p.add_argument("--inpaint-model", default=env("INPAINT_MODEL"), help="optional 9-channel inpainting model")
     p.add_argument("--upscale-model", default=env("UPSCALE_MODEL"), help="optional x4 upscaler model")
+    p.add_argument("--models-dir", default=env("MODELS_DIR", "models"),
+                   help="A1111/ComfyUI-style models folder: Stable-diffusion/, Lora/, VAE/, embeddings/, ... (default models/; created if missing)")
+    p.add_argument("--max-loaded-models", type=int, default=int(env("MAX_LOADED_MODELS", 1)),
+                   help="checkpoints kept in memory when switching (default 1: the old one is released before the next loads)")
     p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=int(env("PORT", 7860)))
     p.add_argument("--device", default=env("DEVICE"), help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -115,12 +120,39 @@ def load_model(model: str | None, args: argparse.Namespace):
         return None
     print(f"loading {model} ...", flush=True)
     try:
-        return ldm.load(model, device=args.device, dtype=args.dtype, options=model_options(args))
+        return loader(args)(model)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
 
 
+def loader(args: argparse.Namespace):
+    """model -> pipeline with the app's device, dtype, options and models folder (also what switching uses)."""
+    def load(model: str):
+        return ldm.load(model, device=args.device, dtype=args.dtype, options=model_options(args),
+                        models_dir=args.models_dir)
+
+    return load
+
+
+def check_models_dir(args: argparse.Namespace) -> None:
+    """The models folder is created with its layout when missing; one that cannot be is left out with a warning."""
+    if args.models_dir:
+        try:
+            ldm.Library(args.models_dir)
+        except OSError as exc:
+            print(f"warning: models folder {args.models_dir} unusable ({exc}); running without one", file=sys.stderr)
+            args.models_dir = None
+
+
+def model_manager(args: argparse.Namespace, pipes: state.Pipes):
+    """Checkpoint/VAE switching of the base model (ui.models), loading like the start-up model."""
+    from ui.models import Models
+
+    return Models(pipes.base, loader=loader(args), spec=args.model, max_loaded=args.max_loaded_models)
+
+
 def load_pipelines(args: argparse.Namespace) -> state.Pipes:
+    check_models_dir(args)
     if Path(args.model) == DEFAULT_MODEL and not DEFAULT_MODEL.exists():
         raise SystemExit(f"error: the demo model {DEFAULT_MODEL} is not there yet; pass --model")
     return state.Pipes(load_model(args.model, args), load_model(args.inpaint_model, args), load_model(args.upscale_model, args))
@@ -130,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.max_request_mb < args.max_upload_mb or args.max_files < 1:
         raise SystemExit("error: --max-request-mb must be at least --max-upload-mb, and --max-files at least 1")
+    if args.max_loaded_models < 1:
+        raise SystemExit("error: --max-loaded-models must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Before gradio is imported: uploads and cached results go to a folder of this app's own.
     temp_dir = private_temp_dir()
@@ -146,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     outputs = None if args.no_save else Path(args.outputs).resolve()
     options = state.Options(outputs=outputs, max_upload_mb=args.max_upload_mb, queue_size=args.queue_size,
                             cache_max_age=args.cache_max_age)
-    demo = build(pipes, options)
+    demo = build(pipes, options, model_manager(args, pipes))
     start_sweeper(temp_dir, args.cache_max_age)
     demo.launch(
         server_name=args.host, server_port=args.port, share=args.share, footer_links=["api", "settings"],

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from .jobs import Jobs
+from .models import Models
 from .saving import Saver
+from .turns import Queues
 
 
 @dataclass
@@ -45,7 +47,13 @@ class Context:
     options: Options = field(default_factory=Options)
     jobs: Jobs = field(default_factory=Jobs)
     saver: Saver | None = None
+    queues: Queues | None = None  # one queue per model, shared by the UI and the REST API (ui.turns)
+    models: Models | None = None  # checkpoint/VAE switching of pipes.base (ui.models); default: VAEs only
 
     def __post_init__(self) -> None:
+        if self.models is None:
+            self.models = Models(self.pipes.base)
+        if self.queues is None:
+            self.queues = Queues(self.options.queue_size)
         if self.saver is None:
             self.saver = Saver(self.options.outputs, temp_max_age=self.options.cache_max_age)

@@ -24,7 +24,7 @@ from .state import Context
 from .streaming import Output, Step, StepCallback, stream_call
 
 MAX_BATCH_COUNT = 100
-MAX_INFOTEXT_CHARS = 64 * 1024  # PNG info shows at most this much of a `parameters` chunk
+MAX_INFOTEXT_CHARS = 64 * 1024  # at most this much of a user's `parameters` chunk is shown or copied
 
 
 class Unavailable(ValueError):
@@ -54,9 +54,10 @@ def first_seed(seed: Any, images: int) -> int:
 
 
 def generate(ctx: Context, task: str, call: Callable[[int, StepCallback], Any], *, prompt: str, seed: Any,
-             batch_size: Any, batch_count: Any, session: str) -> Iterator[Step | Output]:
+             batch_size: Any, batch_count: Any, session: str, pipe: Any = None) -> Iterator[Step | Output]:
     """Run `call(seed, callback)` `batch_count` times with consecutive seeds, save every image,
-    yield progress, then one Output. Stop keeps the batches that finished."""
+    yield progress, then one Output. Stop keeps the batches that finished. The run waits for its
+    turn on the model's queue (`pipe`, default the base model), shared with the REST API."""
     batch_size = as_int("batch_size", batch_size)
     batch_count = as_int("batch_count", batch_count)
     if not 1 <= batch_count <= MAX_BATCH_COUNT:
@@ -64,7 +65,10 @@ def generate(ctx: Context, task: str, call: Callable[[int, StepCallback], Any], 
     seed0 = first_seed(seed, batch_size * batch_count)
     out = Output([], [], [])
     cancel = ctx.jobs.start(session)
+    pipe = ctx.pipes.base if pipe is None else pipe
+    turn = None
     try:
+        turn = ctx.queues.enter(pipe, cancel, "ui")  # None: stopped while waiting (the loop sees the flag)
         for k in range(batch_count):
             if cancel.is_set():
                 out.stopped = True
@@ -76,13 +80,19 @@ def generate(ctx: Context, task: str, call: Callable[[int, StepCallback], Any], 
                 for item in stream:
                     if isinstance(item, Step):
                         item.batch, item.batch_count = k, batch_count
+                        if turn is not None:
+                            turn.update(item.step, item.total, k, batch_count, item.preview)
                         yield item
                     else:
                         _collect(ctx, out, item, task, prompt)
+                        if k + 1 < batch_count:  # on screen at once: a Stop (which closes this) keeps them
+                            yield Output(list(out.images), list(out.infotexts), list(out.seeds),
+                                         list(out.warnings), partial=True)
             except ldm.Cancelled:
                 out.stopped = True
                 break
     finally:
+        ctx.queues.leave(pipe, turn)
         ctx.jobs.finish(session, cancel)
     yield out
 
@@ -107,7 +117,8 @@ def txt2img(ctx: Context, prompt: str = "", negative_prompt: str = "", sampler: 
             fast: bool = False, *, session: str = "") -> Iterator[Step | Output]:
     pipe = ctx.pipes.base
     settings = sampling(steps, guidance_scale, sampler, schedule, clip_skip)
-    settings.update(width=size_or_none("width", width), height=size_or_none("height", height),
+    settings.update(width=None if width is None else as_int("width", width),  # 0 is refused by ldm
+                    height=None if height is None else as_int("height", height),
                     batch_size=as_int("batch_size", batch_size), negative_prompt=negative_prompt)
     if fast:  # ldm's opt-in fast preset (deep-feature reuse + guidance truncation)
         settings["fast"] = True
@@ -160,7 +171,7 @@ def inpaint(ctx: Context, image: Any = None, mask: Any = None, prompt: str = "",
         return pipe.inpaint(picture, mask_image, prompt, seed=seed, callback=callback, **settings)
 
     return generate(ctx, "inpaint", call, prompt=prompt, seed=seed, batch_size=batch_size,
-                    batch_count=batch_count, session=session)
+                    batch_count=batch_count, session=session, pipe=pipe)
 
 
 def outpaint(ctx: Context, image: Any = None, prompt: str = "", negative_prompt: str = "", left: int = 0,
@@ -179,7 +190,7 @@ def outpaint(ctx: Context, image: Any = None, prompt: str = "", negative_prompt:
         return pipe.outpaint(picture, prompt, seed=seed, callback=callback, **settings)
 
     return generate(ctx, "outpaint", call, prompt=prompt, seed=seed, batch_size=batch_size,
-                    batch_count=batch_count, session=session)
+                    batch_count=batch_count, session=session, pipe=pipe)
 
 
 def upscale(ctx: Context, image: Any = None, method: str = "lanczos", scale: float = 2.0, prompt: str = "",
@@ -213,7 +224,8 @@ def upscale(ctx: Context, image: Any = None, method: str = "lanczos", scale: flo
         def call(seed: int, callback: StepCallback):
             return pipe.hires_fix(picture, prompt, seed=seed, callback=callback, **settings)
 
-    return generate(ctx, "upscale", call, prompt=prompt, seed=seed, batch_size=1, batch_count=1, session=session)
+    return generate(ctx, "upscale", call, prompt=prompt, seed=seed, batch_size=1, batch_count=1, session=session,
+                    pipe=pipe)
 
 
 def _resize(ctx: Context, picture: Image.Image, source: Any, method: str, scale: float) -> Iterator[Output]:
@@ -229,22 +241,27 @@ def _resize(ctx: Context, picture: Image.Image, source: Any, method: str, scale:
 # ---- PNG info -------------------------------------------------------------------------------
 
 
+def user_infotext(ctx: Context, source: Any) -> str | None:
+    """The parameters text of a user's image, cut at MAX_INFOTEXT_CHARS: every place that reads
+    infotext from an upload (PNG info, the resize that keeps the original's parameters) goes
+    through here, so a 15 MB chunk is never copied into outputs or responses."""
+    text = metadata.read_infotext(load_upload(ctx, source, mode=None))
+    return truncate(text, MAX_INFOTEXT_CHARS) if text else text
+
+
 def _infotext_of(ctx: Context, source: Any) -> str | None:
     try:
-        return metadata.read_infotext(load_upload(ctx, source, mode=None))
+        return user_infotext(ctx, source)
     except (ValueError, OSError):
         return None
 
 
 def png_info(ctx: Context, image: Any = None) -> str:
-    """The A1111 parameters text of an image, or a sentence saying there are none ("" for no image:
-    the UI calls this when the picture is cleared). Longer texts are cut at MAX_INFOTEXT_CHARS."""
+    """The A1111 parameters text of an image (PNG chunk, or JPEG/WebP EXIF UserComment); "" when it
+    has none or there is no image (the page's placeholder says so). Cut at MAX_INFOTEXT_CHARS."""
     if image is None or image == "":
         return ""
-    text = metadata.read_infotext(load_upload(ctx, image, mode=None))
-    if not text:
-        return "No generation parameters found in this image."
-    return truncate(text, MAX_INFOTEXT_CHARS)
+    return user_infotext(ctx, image) or ""
 
 
 def truncate(text: str, limit: int) -> str:
