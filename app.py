@@ -175,8 +175,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # Gradio is imported only now, after GRADIO_TEMP_DIR is set: it reads the variable at import.
     from ui.layout import build
+    from ui.limits import LoginBackoff
     from ui.security import launch_kwargs
 
+    backoff = LoginBackoff()  # one count of failed logins per client, for the page's login and the API's Basic auth
     outputs = None if args.no_save else Path(args.outputs).resolve()
     options = state.Options(outputs=outputs, max_upload_mb=args.max_upload_mb, queue_size=args.queue_size,
                             cache_max_age=args.cache_max_age)
@@ -186,20 +188,21 @@ def main(argv: list[str] | None = None) -> None:
         server_name=args.host, server_port=args.port, share=args.share, footer_links=["api", "settings"],
         prevent_thread_lock=True,  # the REST API's routes are added to the running app, then we block
         **launch_kwargs(auth=auth, max_upload_mb=args.max_upload_mb, outputs=outputs, auth_file=args.auth_file,
-                        max_request_mb=args.max_request_mb, max_files=args.max_files),
+                        max_request_mb=args.max_request_mb, max_files=args.max_files, login_backoff=backoff),
     )
     if not args.no_api:
-        mount_api(demo, args, api_auth or auth)
+        mount_api(demo, args, api_auth or auth, backoff)
     demo.block_thread()
 
 
-def mount_api(demo, args: argparse.Namespace, auth: list[tuple[str, str]]) -> None:
+def mount_api(demo, args: argparse.Namespace, auth: list[tuple[str, str]], backoff) -> None:
     """A1111's /sdapi/v1 and the jobs API on the UI's server, HTTP Basic with `auth` (ui.sdapi)."""
     from ui import sdapi
 
     secret = {"auth", "auth_file", "api_auth"}
     flags = {k: v for k, v in vars(args).items() if k not in secret}
-    sdapi.mount(demo.app, demo.ldm_context, sdapi.Settings(auth=auth, job_ttl=args.api_job_ttl, cmd_flags=flags))
+    sdapi.mount(demo.app, demo.ldm_context, sdapi.Settings(auth=auth, job_ttl=args.api_job_ttl, cmd_flags=flags,
+                                                                   backoff=backoff))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ class ApiApp:
         self.demo.close()
 
 
-def launch_api(pipes, outputs, *, auth=None, api_auth=None, job_ttl: float = 3600.0, **options) -> ApiApp:
+def launch_api(pipes, outputs, *, auth=None, api_auth=None, job_ttl: float = 3600.0, backoff=None, **options) -> ApiApp:
     from ui import build, sdapi
     from ui.security import launch_kwargs
     from ui.state import Options
@@ -35,6 +35,7 @@ def launch_api(pipes, outputs, *, auth=None, api_auth=None, job_ttl: float = 360
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 **launch_kwargs(auth=auth, max_upload_mb=opts.max_upload_mb, outputs=outputs))
     settings = sdapi.Settings(auth=api_auth if api_auth is not None else (auth or ()), job_ttl=job_ttl,
-                              cmd_flags={"model": "tiny"}, event_interval=0.05)
+                              cmd_flags={"model": "tiny"}, event_interval=0.05,
+                              **({} if backoff is None else {"backoff": backoff}))
     jobs = sdapi.mount(demo.app, demo.ldm_context, settings)
     return ApiApp(demo, port, demo.ldm_context, jobs, outputs)

@@ -331,6 +331,28 @@ def test_auth_on_the_api_is_http_basic(locked):
         bad.txt2img(prompt="x", width=32, height=32)
 
 
+def test_failed_basic_auth_backs_off_per_client(base_pipe, tmp_path_factory):
+    """Issue 16 item 10 for the API: guessing passwords over HTTP Basic is slowed down as the login is."""
+    from ui.limits import LoginBackoff
+    from ui.state import Pipes
+
+    now = [1000.0]
+    backoff = LoginBackoff(free_failures=2, base_delay=30.0, clock=lambda: now[0])
+    app = launch_api(Pipes(base_pipe), tmp_path_factory.mktemp("sdapi-backoff"), auth=[("ann", "s3cret")], backoff=backoff)
+    try:
+        url = f"{app.url}/sdapi/v1/samplers"
+        assert requests.get(url, timeout=10).status_code == 401  # no credentials: not a failed guess
+        for _ in range(2):
+            assert requests.get(url, auth=("ann", "guess"), timeout=10).status_code == 401
+        r = requests.get(url, auth=("ann", "s3cret"), timeout=10)  # even the right password waits now
+        assert r.status_code == 429 and r.headers["retry-after"] == "30" and "too many failed logins" in r.text
+        now[0] += 31
+        assert requests.get(url, auth=("ann", "s3cret"), timeout=10).status_code == 200
+        assert requests.get(url, auth=("ann", "guess"), timeout=10).status_code == 401  # success reset the count
+    finally:
+        app.close()
+
+
 def test_every_api_route_refuses_requests_without_credentials(locked):
     from ui.security import is_api
 

@@ -221,7 +221,7 @@ def test_app_py_passes_its_limits_to_launch(monkeypatch, tmp_path):
             seen["served"] = True
 
     monkeypatch.setattr(app, "load_pipelines", lambda args: object())
-    monkeypatch.setattr(app, "mount_api", lambda demo, args, auth: seen.update(api_auth=auth))  # tests/test_sdapi.py
+    monkeypatch.setattr(app, "mount_api", lambda demo, args, auth, backoff: seen.update(api_auth=auth, backoff=backoff))  # tests/test_sdapi.py
     monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))  # where app.py puts its own temp folder
     monkeypatch.setattr(ui.layout, "build", lambda pipes, options: (seen.update(options=options), FakeDemo())[1])

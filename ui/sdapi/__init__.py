@@ -32,7 +32,7 @@ def mount(app, ctx: Context, settings: Settings | None = None) -> Jobs:
     settings = settings or Settings()
     router, jobs = build_router(ctx, settings)
     app.include_router(router)
-    check = basic_auth(settings.auth)
+    check = basic_auth(settings.auth, settings.backoff)
     schema: dict = {}
 
     @app.get(OPENAPI, include_in_schema=False, dependencies=[Depends(check)])

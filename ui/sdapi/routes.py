@@ -15,7 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException
+import math
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import ValidationError
@@ -24,6 +26,7 @@ import ldm
 from ldm import metadata, samplers
 
 from .. import tasks
+from ..limits import LoginBackoff
 from ..state import Context
 from ..turns import QueueFull
 from . import convert
@@ -43,23 +46,33 @@ class Settings:
     job_ttl: float = 3600.0  # seconds a finished job's results are kept
     cmd_flags: dict[str, Any] = field(default_factory=dict)  # what /cmd-flags shows (no secrets)
     event_interval: float = 0.5  # seconds between server-sent progress events
+    backoff: LoginBackoff = field(default_factory=LoginBackoff)  # shared with the UI's login (app.py)
 
 
-def basic_auth(users: Sequence[tuple[str, str]]) -> Callable:
-    """A dependency: 401 with `WWW-Authenticate: Basic` unless the request carries one of `users`."""
+def basic_auth(users: Sequence[tuple[str, str]], backoff: LoginBackoff) -> Callable:
+    """A dependency: 401 with `WWW-Authenticate: Basic` unless the request carries one of `users`; after
+    repeated failures from one client address, 429 until its backoff has passed (as the UI's login)."""
     scheme = HTTPBasic(auto_error=False)
     pairs = [(u.encode(), p.encode()) for u, p in users]
 
-    def check(credentials: HTTPBasicCredentials | None = Depends(scheme)) -> None:
+    def check(request: Request, credentials: HTTPBasicCredentials | None = Depends(scheme)) -> None:
         if not pairs:
             return
+        client = request.client.host if request.client else "unknown"
+        wait = backoff.wait(client)
+        if wait > 0:
+            seconds = math.ceil(wait)
+            raise HTTPException(429, f"too many failed logins: try again in {seconds} s",
+                                headers={"Retry-After": str(seconds)})
         if credentials is not None:
             user, password = credentials.username.encode(), credentials.password.encode()
             ok = False
             for u, p in pairs:  # every pair compared, in constant time each
                 ok |= secrets.compare_digest(u, user) & secrets.compare_digest(p, password)
             if ok:
+                backoff.succeeded(client)
                 return
+            backoff.failed(client)  # a request without credentials is a question, not a guess
         raise HTTPException(401, "Not authenticated: use HTTP Basic with the API's user and password",
                             headers={"WWW-Authenticate": 'Basic realm="ldm API"'})
 
@@ -76,7 +89,7 @@ def planned(make: Callable[[], Plan]) -> Plan:
 
 
 def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
-    router = APIRouter(dependencies=[Depends(basic_auth(settings.auth))])
+    router = APIRouter(dependencies=[Depends(basic_auth(settings.auth, settings.backoff))])
     jobs = Jobs(ctx, ttl=settings.job_ttl)
     pipe = ctx.pipes.base
     options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1}
