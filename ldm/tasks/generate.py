@@ -7,6 +7,7 @@ from PIL import Image
 
 from .. import images as imgs
 from ..components import ModelKind
+from ..controlnet import with_control
 from ..denoise import Extension, StepCallback
 from ..engine import Model, Result, Start, params_for, require, run, size_from_image, strength_slice
 from ..latents import encode, seeded_noise
@@ -14,9 +15,11 @@ from ..params import GenerationParams
 
 
 def txt2img(model: Model, prompt: str = "", *, callback: StepCallback | None = None,
-            extensions: Sequence[Extension] = (), **settings) -> Result:
-    """Images from text, starting from seeded noise. Settings are `GenerationParams` fields."""
+            extensions: Sequence[Extension] = (), control=(), **settings) -> Result:
+    """Images from text, starting from seeded noise. Settings are `GenerationParams` fields;
+    `control`: `ldm.ControlUnit`s (ControlNet), see `ldm.controlnet`."""
     p = txt2img_params(model, prompt, settings)
+    p, extensions = with_control(model, p, control, extensions)
 
     def start(scheduler, gens):
         f = model.vae_scale_factor
@@ -34,11 +37,12 @@ def txt2img_params(model: Model, prompt: str, settings: dict) -> GenerationParam
 
 
 def img2img(model: Model, image, prompt: str = "", *, strength: float = 0.75, callback: StepCallback | None = None,
-            extensions: Sequence[Extension] = (), **settings) -> Result:
+            extensions: Sequence[Extension] = (), control=(), **settings) -> Result:
     """Redraw an image. width/height default to the image's size rounded down to the size step."""
     require(model, ModelKind.BASE, "img2img")
     image = imgs.load_image(image)
     p = params_for(model, prompt, size_from_image(model, image, settings), strength=strength)
+    p, extensions = with_control(model, p, control, extensions)
     resized = image.resize((p.width, p.height), Image.LANCZOS) if image.size != (p.width, p.height) else image
     pixels = imgs.pil_to_tensor([resized])
 

@@ -26,6 +26,7 @@ from PIL import Image, ImageChops
 
 from .. import images as imgs
 from ..components import ModelKind
+from ..controlnet import with_control
 from ..denoise import Extension, StepCallback
 from ..engine import Model, Result, Start, StartFn, params_for, run, size_from_image, strength_slice
 from ..extensions import KnownAreaBlend, UNetInputs
@@ -81,18 +82,20 @@ def inpaint(
     invert_mask: bool = False,
     callback: StepCallback | None = None,
     extensions: Sequence[Extension] = (),
+    control=(),
     **settings,
 ) -> Result:
     """Repaint the white part of `mask` in `image`; the result always has the image's size.
 
     width/height default to the image size rounded down to the model's size step (images of any
     size are accepted); with inpaint_area="masked" they are the size the crop is generated at.
-    Other settings are `GenerationParams` fields (steps, sampler, seed, batch_size, ...).
+    Other settings are `GenerationParams` fields (steps, sampler, seed, batch_size, ...). `control`:
+    `ldm.ControlUnit`s, their images fitted to the image (and cropped like it for inpaint_area="masked").
     """
     return _inpaint(
         model, image, mask, prompt, strength=strength, mask_blur=mask_blur, inpaint_area=inpaint_area,
         padding=padding, masked_content=masked_content, invert_mask=invert_mask, callback=callback,
-        extensions=extensions, settings=settings, protect_original=False, extra_info={},
+        extensions=extensions, settings=settings, protect_original=False, extra_info={}, control=control,
     )
 
 
@@ -112,6 +115,7 @@ def outpaint(
     masked_content: str | MaskedContent = "original",
     callback: StepCallback | None = None,
     extensions: Sequence[Extension] = (),
+    control=(),
     **settings,
 ) -> Result:
     """Extend the canvas by the given pixels per side and paint the new area.
@@ -127,6 +131,7 @@ def outpaint(
         model, canvas, mask, prompt, strength=strength, mask_blur=mask_blur, inpaint_area=inpaint_area,
         padding=padding, masked_content=masked_content, invert_mask=False, callback=callback,
         extensions=extensions, settings=settings, protect_original=True, extra_info={"Outpaint": sides},
+        control=control,
     )
 
 
@@ -135,7 +140,7 @@ def outpaint(
 
 def _inpaint(model: Model, image, mask, prompt: str, *, strength, mask_blur, inpaint_area, padding,
              masked_content, invert_mask, callback, extensions, settings: dict, protect_original: bool,
-             extra_info: dict) -> Result:
+             extra_info: dict, control=()) -> Result:
     # Everything is checked and prepared here, before the first model call.
     _check_model(model, "inpainting")
     area = _choice(InpaintArea, inpaint_area, "inpaint_area")
@@ -151,6 +156,8 @@ def _inpaint(model: Model, image, mask, prompt: str, *, strength, mask_blur, inp
     p = params_for(model, prompt, _default_size(model, image, settings), strength=strength)
     job = _prepare(model, image, mask, p, mask_blur=mask_blur, area=area, padding=padding, content=content,
                    protect_original=protect_original)
+    crop = job.region if area is InpaintArea.MASKED else None  # only-masked crops the control image like the image
+    p, extensions = with_control(model, p, control, extensions, canvas=image.size, region=crop)
 
     info = {"Denoising strength": p.strength, "Mask blur": mask_blur}
     if invert_mask:

@@ -1,0 +1,117 @@
+"""Single-file ControlNets (A1111's models/ControlNet/*.safetensors, original layout) and the family check.
+
+A ControlNet copies its base U-Net's encoder half, so its diffusers config is derived from the base
+U-Net's config (never fetched from a hub), with the conditioning-embedding channels read from the
+file's `input_hint_block` and `global_pool_conditions` set for shuffle models (A1111 reads that from
+the model's .yaml; the only such official model is the v1.1 shuffle one). diffusers'
+`ControlNetModel.from_single_file` converts the weights with that local config.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .components import ModelLoadError, check_safetensors, require_complete, require_regular
+
+FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # cross-attention width -> family
+_HINT = re.compile(r"(?:control_model\.)?input_hint_block\.(\d+)\.weight")
+_BLOCK = re.compile(r"controlnet_cond_embedding\.blocks\.(\d+)\.weight")
+DIFFUSERS_KEY = "time_embedding.linear_1.weight"
+_CONTEXT = re.compile(r"(?:control_model\.)?input_blocks\.\d+\.1\.transformer_blocks\.0\.attn2\.to_k\.weight")
+
+
+def read_json(file: Path) -> dict:
+    require_regular(file)
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ModelLoadError(f"corrupt file: {file} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"corrupt file: {file} does not hold a JSON object")
+    return config
+
+
+def family(config: dict) -> str:
+    """"SD 1.x (cross-attention 768)", "SDXL (cross-attention 2048)", ..."""
+    dim = config.get("cross_attention_dim")
+    name = "SDXL" if config.get("addition_embed_type") == "text_time" else FAMILIES.get(dim, "an unknown family")
+    return f"{name} (cross-attention {dim})"
+
+
+def check_family(net: dict, unet: dict, name: str) -> None:
+    """Refuse a ControlNet whose residuals cannot fit the base U-Net (another family, other block widths)."""
+    ours, theirs = family(net), family(unet)
+    if (net.get("cross_attention_dim"), net.get("addition_embed_type")) != (unet.get("cross_attention_dim"),
+                                                                             unet.get("addition_embed_type")):
+        raise ValueError(f"ControlNet {name!r} is for {ours} but the model is {theirs}; use a ControlNet made for "
+                         "the model's family")
+    shape = ("block_out_channels", "layers_per_block", "down_block_types")
+    if any(_listed(net.get(k)) != _listed(unet.get(k)) for k in shape) or net.get("in_channels") != unet.get("out_channels"):
+        raise ValueError(f"ControlNet {name!r} does not fit this model's U-Net: its blocks "
+                         f"{_listed(net.get('block_out_channels'))} x {net.get('layers_per_block')} layers, "
+                         f"{net.get('in_channels')} latent channels; the model's {_listed(unet.get('block_out_channels'))} "
+                         f"x {unet.get('layers_per_block')}, {unet.get('out_channels')}")
+
+
+def _listed(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def derived_config(unet: dict, tensors: dict, name: str) -> dict:
+    """The diffusers ControlNet config of a file: the base U-Net's architecture plus what the file says
+    (the conditioning embedding's channels; pooled conditions for shuffle models)."""
+    from diffusers import ControlNetModel
+
+    accepted = set(inspect.signature(ControlNetModel.__init__).parameters) - {"self"}
+    config = {k: v for k, v in unet.items() if k in accepted}
+    config["in_channels"] = unet.get("out_channels", 4)  # the ControlNet sees the 4 latent channels only
+    if DIFFUSERS_KEY in tensors:  # diffusers names in one file: conv_in, then pairs of blocks (same, next width)
+        blocks = sorted((int(m[1]), s) for k, (_, s) in tensors.items() if (m := _BLOCK.fullmatch(k)))
+        convs = [tensors["controlnet_cond_embedding.conv_in.weight"][1], *[s for _, s in blocks]]
+        config["conditioning_channels"] = convs[0][1]
+        outs = [s[0] for s in convs]
+        config["conditioning_embedding_out_channels"] = [outs[0], *outs[2::2]]
+    else:  # original layout: input_hint_block = conv_in, SiLU, (conv, SiLU, strided conv, SiLU) ..., conv_out
+        hint = sorted((int(m[1]), shape) for key, (_, shape) in tensors.items() if (m := _HINT.fullmatch(key)))
+        if len(hint) < 3:
+            raise ModelLoadError(f"{name}: no input_hint_block in the file; it is not a ControlNet in the original layout")
+        outs = [shape[0] for _, shape in hint]
+        config["conditioning_channels"] = hint[0][1][1]
+        config["conditioning_embedding_out_channels"] = [outs[0], *outs[2:-1:2]]
+    config["global_pool_conditions"] = "shuffle" in name.lower()
+    config["_class_name"] = "ControlNetModel"
+    return config
+
+
+def file_family(tensors: dict) -> dict:
+    """What the weights say about the family, before they are read: cross-attention width, SDXL embeddings."""
+    context = next((shape[1] for key, (_, shape) in tensors.items() if _CONTEXT.fullmatch(key)), None)
+    sdxl = any(k.removeprefix("control_model.").startswith("label_emb.") for k in tensors)
+    return {"cross_attention_dim": 2048 if sdxl and context is None else context,
+            "addition_embed_type": "text_time" if sdxl else None}
+
+
+def load_controlnet_file(file: Path, unet: dict, dtype) -> torch.nn.Module:
+    from diffusers import ControlNetModel
+    from safetensors.torch import load_file
+
+    tensors = check_safetensors(file)
+    if DIFFUSERS_KEY not in tensors:  # the family is visible in the original layout's keys and shapes
+        found = file_family(tensors)
+        if found["cross_attention_dim"] is not None:
+            check_family({**unet, **found}, unet, file.stem)
+    config = derived_config(unet, tensors, file.stem)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "config.json").write_text(json.dumps(config))
+        try:
+            module = ControlNetModel.from_single_file(load_file(str(file)), config=folder, local_files_only=True,
+                                                      torch_dtype=dtype)
+        except (RuntimeError, ValueError, KeyError, OSError, TypeError) as exc:
+            raise ModelLoadError(f"{file}: the ControlNet could not be loaded ({type(exc).__name__}: {str(exc)[:300]})") from None
+    require_complete(module, "ControlNet", file)
+    return module
