@@ -51,7 +51,7 @@ def is_public(path: str) -> bool:
 
 # The REST API (ui.sdapi) checks HTTP Basic itself: no UI session cookie is asked for there. Every
 # other protection of the gate (headers) still applies; without the API these paths are 404s.
-API_PREFIXES = ("/sdapi/", "/api/v1/jobs")
+API_PREFIXES = ("/sdapi/", "/api/v1/jobs", "/controlnet/")  # /controlnet/: the A1111 ControlNet extension's routes
 API_EXACT = frozenset({"/docs"})
 
 

@@ -5,8 +5,9 @@ on the web UI's own server, described at `/docs` (OpenAPI at `/sdapi/openapi.jso
     ui.sdapi.mount(demo.app, demo.ldm_context, Settings(auth=[("user", "pass")]))
     demo.block_thread()
 
-Modules: `models` (request/response bodies), `convert` (A1111 fields -> ldm calls), `jobs` (the
-job registry and runner), `routes` (the FastAPI router). Requests run on the same per-model queue
+Modules: `models` (request/response bodies), `convert` (A1111 fields -> ldm calls), `controlnet`
+(the ControlNet extension's `alwayson_scripts` units and `/controlnet/*` routes), `jobs` (the job
+registry and runner), `routes` (the FastAPI router). Requests run on the same per-model queue
 as the UI's (`ui.turns`). The access gate (`ui.security`) lets `API_PREFIXES` through without a UI
 session; the router checks HTTP Basic itself.
 """
@@ -22,7 +23,7 @@ from .routes import Settings, basic_auth, build_router
 
 __all__ = ["mount", "Settings", "API_PREFIXES", "DOCS_PATHS"]
 
-API_PREFIXES = ("/sdapi/", "/api/v1/jobs")
+API_PREFIXES = ("/sdapi/", "/api/v1/jobs", "/controlnet/")
 OPENAPI = "/sdapi/openapi.json"
 DOCS_PATHS = ("/docs",)
 

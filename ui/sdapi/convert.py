@@ -27,6 +27,7 @@ from ldm.params import MAX_SEED, GenerationParams
 
 from ..state import Context
 from ..streaming import StepCallback
+from . import controlnet
 from .models import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
 
 MAX_N_ITER = 100
@@ -171,7 +172,18 @@ def _common(ctx: Context, req: GenerationRequest, defaults: dict[str, Any], pipe
     return settings, params, notes
 
 
-def plan_txt2img(ctx: Context, req: Txt2ImgRequest, defaults: dict[str, Any], *, save: bool | None = None) -> Plan:
+def with_controlnet(ctx: Context, pipe: Any, req: GenerationRequest, settings: dict, notes: list[str],
+                    cache: controlnet.ControlNets | None, init_image: Image.Image | None = None) -> None:
+    """`alwayson_scripts.controlnet` units -> settings["control"] (validated, then their ControlNets loaded)."""
+    units, more = controlnet.parse_units(ctx, pipe, req.alwayson_scripts, lambda text, what: decode_image(ctx, text, what),
+                                         init_image=init_image, cache=cache)
+    if units:
+        settings["control"] = units
+    notes.extend(more)
+
+
+def plan_txt2img(ctx: Context, req: Txt2ImgRequest, defaults: dict[str, Any], *, save: bool | None = None,
+                 controlnets: controlnet.ControlNets | None = None) -> Plan:
     pipe = ctx.pipes.base
     settings, params, notes = _common(ctx, req, defaults, pipe, 1.0, (pipe.default_size, pipe.default_size))
     settings.update(width=params.width, height=params.height)
@@ -183,6 +195,9 @@ def plan_txt2img(ctx: Context, req: Txt2ImgRequest, defaults: dict[str, Any], *,
                         hires_upscaler=hires_upscaler(req.hr_upscaler), hires_steps=req.hr_second_pass_steps or None)
         if req.hr_prompt or req.hr_negative_prompt or req.hr_sampler_name:
             notes.append("hr_prompt, hr_negative_prompt and hr_sampler_name are ignored: the second pass uses the first's")
+    if req.enable_hr and controlnet.enabled_units(req.alwayson_scripts):
+        raise ValueError("the hires fix with ControlNet is not supported yet: send enable_hr false (or no ControlNet unit)")
+    with_controlnet(ctx, pipe, req, settings, notes, controlnets)
     prompt = params.prompt
 
     def call(seed: int, callback: StepCallback):
@@ -192,7 +207,8 @@ def plan_txt2img(ctx: Context, req: Txt2ImgRequest, defaults: dict[str, Any], *,
                 req.save_images if save is None else save, req.send_images, params, notes)
 
 
-def plan_img2img(ctx: Context, req: Img2ImgRequest, defaults: dict[str, Any], *, save: bool | None = None) -> Plan:
+def plan_img2img(ctx: Context, req: Img2ImgRequest, defaults: dict[str, Any], *, save: bool | None = None,
+                 controlnets: controlnet.ControlNets | None = None) -> Plan:
     if not req.init_images:
         raise ValueError("init_images is empty: send one base64-encoded image")
     if req.resize_mode != 0:
@@ -210,6 +226,7 @@ def plan_img2img(ctx: Context, req: Img2ImgRequest, defaults: dict[str, Any], *,
     settings.update(width=params.width, height=params.height, strength=params.strength)
     if len(req.init_images) > 1:
         notes.append("only the first of init_images is used")
+    with_controlnet(ctx, pipe, req, settings, notes, controlnets, init_image=image)
     prompt = params.prompt
     if mask is None:
         def call(seed: int, callback: StepCallback):

@@ -29,7 +29,7 @@ from .. import tasks
 from ..limits import LoginBackoff
 from ..state import Context
 from ..turns import QueueFull
-from . import convert
+from . import controlnet, convert
 from .convert import Plan, TooLarge
 from .jobs import Jobs
 from .models import (ExtraSingleImageRequest, ExtraSingleImageResponse, GenerationResponse, Img2ImgRequest, JobCreated, JobRequest, PngInfoRequest, PngInfoResponse,
@@ -93,6 +93,7 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
     jobs = Jobs(ctx, ttl=settings.job_ttl)
     pipe = ctx.pipes.base
     options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1}
+    controlnets = controlnet.ControlNets()  # loaded on first use, shared by the routes and jobs
 
     def submit(plan: Plan, parameters: dict, origin: str):
         try:
@@ -110,12 +111,12 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
 
     @router.post(f"{PREFIX}/txt2img", response_model=GenerationResponse, tags=["sdapi"])
     def txt2img(req: Txt2ImgRequest) -> dict:
-        plan = planned(lambda: convert.plan_txt2img(ctx, req, options))
+        plan = planned(lambda: convert.plan_txt2img(ctx, req, options, controlnets=controlnets))
         return run_now(plan, convert.parameters(req))
 
     @router.post(f"{PREFIX}/img2img", response_model=GenerationResponse, tags=["sdapi"])
     def img2img(req: Img2ImgRequest) -> dict:
-        plan = planned(lambda: convert.plan_img2img(ctx, req, options))
+        plan = planned(lambda: convert.plan_img2img(ctx, req, options, controlnets=controlnets))
         return run_now(plan, convert.parameters(req))
 
     @router.post(f"{PREFIX}/png-info", response_model=PngInfoResponse, tags=["sdapi"])
@@ -237,6 +238,9 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
     def memory() -> dict:
         return memory_report()
 
+    controlnet.add_routes(router, ctx, lambda text, what: convert.decode_image(ctx, text, what),
+                          lambda image: convert.encode_png(image, None), planned)
+
     # ---- options ---------------------------------------------------------------------------
 
     def current_options() -> dict:
@@ -284,7 +288,7 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
             raise HTTPException(422, exc.errors(include_input=False, include_url=False)) from None
         save = body.get("save_images", True) is not False
         make = convert.plan_txt2img if req.task == "txt2img" else convert.plan_img2img
-        plan = planned(lambda: make(ctx, model, options, save=save))
+        plan = planned(lambda: make(ctx, model, options, save=save, controlnets=controlnets))
         job = submit(plan, convert.parameters(model), "job")
         jobs.start(job)
         return {"id": job.id}
