@@ -171,3 +171,15 @@ def require_complete(model: torch.nn.Module, what: str, source: Path, *, missing
     if absent:
         count = f"{len(absent)} tensors" if len(absent) > 1 else "1 tensor"
         raise ModelLoadError(f"{source}: the {what} weights are incomplete{where} ({count} missing, e.g. {absent[0]}){hint}")
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object from a config file, or ModelLoadError naming the file."""
+    require_regular(file)
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ModelLoadError(f"corrupt file: {file} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"corrupt file: {file} does not hold a JSON object")
+    return config

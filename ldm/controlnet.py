@@ -34,8 +34,8 @@ from PIL import Image
 
 from . import images as imgs
 from .control_preprocess import PREPROCESSORS, get_preprocessor, preprocess
-from .controlnet_file import check_family, load_controlnet_file, read_json
-from .components import ModelLoadError, check_safetensors, require_complete, require_regular_files
+from .components import ModelLoadError, check_safetensors, read_json, require_complete, require_regular_files
+from .controlnet_file import check_family, load_controlnet_file
 from .extensions.control import ControlResiduals
 from .extensions.fast import FastPreset
 

@@ -16,24 +16,13 @@ from pathlib import Path
 
 import torch
 
-from .components import ModelLoadError, check_safetensors, require_complete, require_regular
+from .components import ModelLoadError, check_safetensors, read_json, require_complete, require_regular
 
 FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # cross-attention width -> family
 _HINT = re.compile(r"(?:control_model\.)?input_hint_block\.(\d+)\.weight")
 _BLOCK = re.compile(r"controlnet_cond_embedding\.blocks\.(\d+)\.weight")
 DIFFUSERS_KEY = "time_embedding.linear_1.weight"
 _CONTEXT = re.compile(r"(?:control_model\.)?input_blocks\.\d+\.1\.transformer_blocks\.0\.attn2\.to_k\.weight")
-
-
-def read_json(file: Path) -> dict:
-    require_regular(file)
-    try:
-        config = json.loads(file.read_text())
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise ModelLoadError(f"corrupt file: {file} is not valid JSON") from None
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"corrupt file: {file} does not hold a JSON object")
-    return config
 
 
 def family(config: dict) -> str:

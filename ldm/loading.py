@@ -4,7 +4,6 @@
 else must be a diffusers folder (or a hub id found in the local cache)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from contextlib import contextmanager
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import single_file
-from .components import (KIND_BY_CHANNELS, Components, ModelKind, ModelLoadError, check_safetensors, require_complete,
+from .components import (KIND_BY_CHANNELS, Components, ModelKind, ModelLoadError, check_safetensors, read_json, require_complete,
                          require_regular, require_regular_files)
 from .devices import ComponentDtypes, force_upcast_vae
 
@@ -111,17 +110,6 @@ def _load_checked(folder: Path, what: str, files: dict, load) -> torch.nn.Module
     return model
 
 
-def _read_json(file: Path) -> dict:
-    require_regular(file)
-    try:
-        config = json.loads(file.read_text())
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise ModelLoadError(f"corrupt file: {file} is not valid JSON") from None
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"corrupt file: {file} does not hold a JSON object")
-    return config
-
-
 def load_components(model: str | os.PathLike, *, device: torch.device, dtype: torch.dtype | ComponentDtypes,
                     allow_download: bool = True, allow_pickle: bool = False, config: str | os.PathLike | None = None) -> Components:
     if single_file.is_single_file(model):  # one checkpoint file; `config`/`allow_pickle` apply only here
@@ -150,7 +138,7 @@ def load_components(model: str | os.PathLike, *, device: torch.device, dtype: to
                 lambda f: AutoencoderKL.from_pretrained(f, torch_dtype=dtypes.vae, **loaded)),
     }
     if sdxl:
-        dtypes = force_upcast_vae(dtypes, _read_json(root / "vae" / "config.json"))
+        dtypes = force_upcast_vae(dtypes, read_json(root / "vae" / "config.json"))
         models.update(sdxl_models(root, dtypes, loaded))
     if refiner:
         del models["text_encoder"]
@@ -158,7 +146,7 @@ def load_components(model: str | os.PathLike, *, device: torch.device, dtype: to
     tokenizers = [t for t in ("tokenizer", *(("tokenizer_2",) if sdxl else ())) if not (refiner and t in REFINER_LACKS)]
     with _component_errors(root / "tokenizer", "tokenizer", (Exception,)):  # the tokenizers library raises bare Exception
         toks = {t: CLIPTokenizer.from_pretrained(root / t) for t in tokenizers}
-    scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
+    scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
     built = {d: _load_checked(root / d, what, files[d], load) for d, (what, _, load) in models.items()}
     for m in built.values():
         m.to(device).eval().requires_grad_(False)
@@ -193,5 +181,5 @@ def _upscaler_extras(root: Path) -> dict:
     if not config.is_file():
         raise ModelLoadError(f"{root} has a 7-channel (x4 upscaler) U-Net but no low_res_scheduler/scheduler_config.json")
     index = root / "model_index.json"
-    max_noise = _read_json(index).get("max_noise_level", 350) if index.exists() else 350  # diffusers' default
-    return {"low_res_scheduler_config": _read_json(config), "max_noise_level": int(max_noise)}
+    max_noise = read_json(index).get("max_noise_level", 350) if index.exists() else 350  # diffusers' default
+    return {"low_res_scheduler_config": read_json(config), "max_noise_level": int(max_noise)}
