@@ -49,11 +49,13 @@ COPY --chown=app:app . /app
 USER app
 
 # app.py reads LDM_<FLAG> as flag defaults: set LDM_AUTH=user:pass (or LDM_AUTH_FILE) at run time,
-# LDM_MODEL=/models/<folder> for your own model (default: the bundled weights/demo).
+# LDM_MODEL=/models/<folder> for your own model (default: the bundled weights/demo); /models is also the
+# models folder (Stable-diffusion/, Lora/, VAE/, embeddings/: switch checkpoints and VAEs in the UI).
 ENV HF_HOME=/cache/huggingface \
     LDM_HOST=0.0.0.0 \
     LDM_PORT=7860 \
-    LDM_OUTPUTS=/outputs
+    LDM_OUTPUTS=/outputs \
+    LDM_MODELS_DIR=/models
 VOLUME ["/models", "/cache/huggingface", "/outputs"]
 EXPOSE 7860
 

@@ -144,13 +144,6 @@ def check_models_dir(args: argparse.Namespace) -> None:
             args.models_dir = None
 
 
-def model_manager(args: argparse.Namespace, pipes: state.Pipes):
-    """Checkpoint/VAE switching of the base model (ui.models), loading like the start-up model."""
-    from ui.models import Models
-
-    return Models(pipes.base, loader=loader(args), spec=args.model, max_loaded=args.max_loaded_models)
-
-
 def load_pipelines(args: argparse.Namespace) -> state.Pipes:
     check_models_dir(args)
     if Path(args.model) == DEFAULT_MODEL and not DEFAULT_MODEL.exists():
@@ -181,8 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     backoff = LoginBackoff()  # one count of failed logins per client, for the page's login and the API's Basic auth
     outputs = None if args.no_save else Path(args.outputs).resolve()
     options = state.Options(outputs=outputs, max_upload_mb=args.max_upload_mb, queue_size=args.queue_size,
-                            cache_max_age=args.cache_max_age)
-    demo = build(pipes, options, model_manager(args, pipes))
+                            cache_max_age=args.cache_max_age, model_loader=loader(args), model_spec=args.model,
+                            max_loaded_models=args.max_loaded_models)  # checkpoint switching (ui.models)
+    demo = build(pipes, options)
     start_sweeper(temp_dir, args.cache_max_age)
     demo.launch(
         server_name=args.host, server_port=args.port, share=args.share, footer_links=["api", "settings"],

@@ -15,11 +15,15 @@ from typing import Any
 
 import gradio as gr
 
-from . import convert, editor, tasks
-from .endpoints import api_params, endpoint, plain, ui_only
-from .gradio_compat import attach_context, limit_editor_pixels, readable_errors
+from . import convert, editor, page, tasks
+from .endpoints import api_params, endpoint, int_params, plain
+from .errors import explain, readable
+from .gradio_compat import attach_context, blocks, check_image_headers, describe_api, readable_errors
+from .model_widgets import model_bar, networks_panel, wire_model_bar, wire_networks
+from .models import Models
 from .state import Context, Options, Pipes
-from .widgets import Tab, img2img_tab, inpaint_tab, png_info_tab, txt2img_tab, upscale_tab
+from .streaming import preview_colours
+from .widgets import Results, Tab, img2img_tab, inpaint_tab, png_info_tab, txt2img_tab, upscale_tab
 
 log = logging.getLogger(__name__)
 GPU = "gpu"  # one concurrency group: one model run at a time, the rest wait in the queue
@@ -29,10 +33,12 @@ def _inputs(fields: dict[str, Any], handler: Callable) -> list:
     return [readable_errors(fields[p.name], p.name) for p in api_params(handler)]
 
 
-def wire_generation(ctx: Context, tab: Tab, handler: Callable, api_name: str, trigger=None):
-    """Connect a tab's button to its handler; returns the event (for Stop to cancel)."""
+def wire_generation(ctx: Context, tab: Tab, handler: Callable, api_name: str, trigger=None, button=None):
+    """Connect a tab's button to its handler; returns the event (for Stop to cancel). The status line
+    says "Queued" at the click (in the browser; Gradio's own position count shows on the gallery)."""
     r = tab.results
     fn = endpoint(ctx, handler)
+    (button or tab.go).click(None, None, r.status, js=page.QUEUED_JS, queue=False, api_visibility="private")
     return (trigger or tab.go.click)(
         fn, _inputs(tab.fields, handler), r.outputs, api_name=api_name, concurrency_id=GPU,
         concurrency_limit=1, show_progress_on=[r.gallery],
@@ -45,9 +51,9 @@ def wire_results(ctx: Context, tab: Tab) -> None:
     def on_select(infotexts: list, evt: gr.SelectData):
         return evt.index, convert.selected(infotexts, evt.index, "")
 
-    r.gallery.select(on_select, [r.infotexts], [r.index, r.info], queue=False, api_visibility="private")
+    r.gallery.select(readable(on_select), [r.infotexts], [r.index, r.info], queue=False, api_visibility="private")
     if "_reuse" in tab.fields:
-        tab.fields["_reuse"].click(lambda seeds, i: convert.selected(seeds, i, -1), [r.seeds, r.index], tab.fields["seed"],
+        tab.fields["_reuse"].click(readable(lambda seeds, i: convert.selected(seeds, i, -1)), [r.seeds, r.index], tab.fields["seed"],
                                    queue=False, api_visibility="private")
 
 
@@ -61,7 +67,7 @@ def wire_stop(ctx: Context, tab: Tab, events: list) -> None:
         log.info("stop: %d run(s) of session %s asked to stop", n, session)
         return ("Stopped." if n else "Nothing to stop."), None
 
-    tab.stop.click(stop_runs, None, [r.status, r.preview], cancels=events, queue=False, api_visibility="private")
+    tab.stop.click(readable(stop_runs), None, [r.status, r.preview], cancels=events, queue=False, api_visibility="private")
 
 
 def wire_send_to(tabs: dict[str, Tab], tabs_block: gr.Tabs) -> None:
@@ -72,11 +78,20 @@ def wire_send_to(tabs: dict[str, Tab], tabs_block: gr.Tabs) -> None:
             dest = tabs[target].fields
             keys = [k for k in SENT_FIELDS if k in dest]
             image_field = dest["_editor"] if target == "inpaint" else dest["image"]
-            button.click(_sender(target, keys), [r.gallery, r.index, r.infotexts],
-                         [image_field, *[dest[k] for k in keys], tabs_block], queue=False, api_visibility="private")
+            send = _sender(target, keys)
+            event = button.click(readable(send), [r.gallery, r.index, r.infotexts],
+                                 [image_field, *[dest[k] for k in keys], tabs_block], queue=False,
+                                 api_visibility="private")
+            explain_failure(event, send, [r.gallery, r.index, r.infotexts], r.status)
 
 
-SENT_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "steps", "guidance_scale")
+def explain_failure(event, fn: Callable, inputs: list, status) -> None:
+    """When a UI-only step fails, its message goes to the tab's status line, next to the action."""
+    event.failure(explain(fn), inputs, status, queue=False, api_visibility="private")
+
+
+SENT_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "steps", "guidance_scale", "seed", "width",
+               "height")
 
 
 def _sender(target: str, keys: list[str]) -> Callable:
@@ -98,18 +113,25 @@ def cache_policy(max_age: float) -> tuple[int, int] | None:
     return max(1, int(min(max_age / 2, 600))), max(1, int(max_age))
 
 
-def build(pipes: Pipes, options: Options | None = None) -> gr.Blocks:
-    """The whole UI for already-loaded pipelines; call `.launch()` on the result."""
-    ctx = Context(pipes, options or Options())
-    with gr.Blocks(title="ldm — text to image", delete_cache=cache_policy(ctx.options.cache_max_age)) as demo:
-        gr.Markdown(f"### ldm · model `{html.escape(str(pipes.base.name))}`"
+def build(pipes: Pipes, options: Options | None = None, models: Models | None = None) -> gr.Blocks:
+    """The whole UI for already-loaded pipelines; call `.launch()` on the result. `models` switches
+    checkpoints (`ui.models`; default: the base model's VAEs only)."""
+    ctx = Context(pipes, options or Options(), models=models)
+    if ctx.options.preview_every:  # at load, before any run: the base model's own preview colours
+        preview_colours(pipes.base)
+    with blocks(title="ldm — text to image", delete_cache=cache_policy(ctx.options.cache_max_age), css=page.CSS,
+                head=page.KEYS_JS) as demo:
+        gr.Markdown("### ldm"
                     + (f" · inpaint `{html.escape(str(pipes.inpaint.name))}`" if pipes.inpaint else "")
                     + (f" · upscale `{html.escape(str(pipes.upscale.name))}`" if pipes.upscale else ""))
+        bar = model_bar(ctx)
         with gr.Tabs() as tabs_block:
             with gr.Tab("txt2img", id="txt2img"):
                 t2i = txt2img_tab(ctx)
+                t2i_networks = networks_panel(ctx, "txt2img")
             with gr.Tab("img2img", id="img2img"):
                 i2i = img2img_tab(ctx)
+                i2i_networks = networks_panel(ctx, "img2img")
             with gr.Tab("Inpaint", id="inpaint"):
                 inp = inpaint_tab(ctx)
             with gr.Tab("Upscale", id="upscale"):
@@ -126,21 +148,33 @@ def build(pipes: Pipes, options: Options | None = None) -> gr.Blocks:
             wire_results(ctx, tab)
         wire_send_to(tabs, tabs_block)
         _wire_png_info(ctx, info, t2i, tabs_block)
+        wire_model_bar(ctx, bar, GPU)
+        wire_networks(ctx, t2i_networks, t2i.fields["prompt"])
+        wire_networks(ctx, i2i_networks, i2i.fields["prompt"])
+    for block in demo.blocks.values():  # every image input, whichever event it feeds
+        check_image_headers(block)
+    describe_api(demo, {**{name: (int_params(handler), Results.API_NAMES) for name, handler in GENERATION.items()},
+                        "png_info": (set(), ("infotext",))})
     demo.queue(max_size=ctx.options.queue_size, default_concurrency_limit=1)
     return attach_context(demo, ctx)  # for tests and app.py
 
 
+GENERATION = {"txt2img": tasks.txt2img, "img2img": tasks.img2img, "inpaint": tasks.inpaint, "outpaint": tasks.outpaint,
+              "upscale": tasks.upscale}  # api name -> handler
+
+
 def _wire_inpaint(ctx: Context, tab: Tab) -> None:
     f = tab.fields
-    limit_editor_pixels(f["_editor"])
 
     # UI-only steps turn the editor into the files /inpaint and /outpaint take, then call them.
-    convert = tab.go.click(ui_only(editor.editor_to_image_and_mask), [f["_editor"], f["_mask_upload"]],
+    convert = tab.go.click(readable(editor.editor_to_image_and_mask), [f["_editor"], f["_mask_upload"]],
                            [f["image"], f["mask"]], queue=False, api_visibility="private")
+    explain_failure(convert, editor.editor_to_image_and_mask, [f["_editor"], f["_mask_upload"]], tab.results.status)
     inpaint = wire_generation(ctx, tab, tasks.inpaint, "inpaint", trigger=convert.success)
-    grab = f["_outpaint"].click(ui_only(editor.editor_image), [f["_editor"]], [f["image"]], queue=False,
+    grab = f["_outpaint"].click(readable(editor.editor_image), [f["_editor"]], [f["image"]], queue=False,
                                 api_visibility="private")
-    outpaint = wire_generation(ctx, tab, tasks.outpaint, "outpaint", trigger=grab.success)
+    explain_failure(grab, editor.editor_image, [f["_editor"]], tab.results.status)
+    outpaint = wire_generation(ctx, tab, tasks.outpaint, "outpaint", trigger=grab.success, button=f["_outpaint"])
     wire_stop(ctx, tab, [inpaint, outpaint])
 
 
@@ -149,11 +183,12 @@ def _wire_png_info(ctx: Context, tab: Tab, t2i: Tab, tabs_block: gr.Tabs) -> Non
     f["image"].change(plain(ctx, tasks.png_info), [readable_errors(f["image"], "image")], [f["_text"]], api_name="png_info",
                       concurrency_limit=None)
     targets = [k for k in ("prompt", "negative_prompt", "sampler", "schedule", "steps", "guidance_scale", "seed",
-                           "width", "height", "clip_skip") if k in t2i.fields]
+                           "width", "height", "clip_skip", "hires_scale", "hires_strength", "hires_steps",
+                           "hires_upscaler") if k in t2i.fields]
 
     def send(text: str):
         values = convert.infotext_fields(text)
         return (*[values.get(k, gr.skip()) for k in targets], gr.Tabs(selected="txt2img"))
 
-    f["_send"].click(send, [f["_text"]], [*[t2i.fields[k] for k in targets], tabs_block], queue=False,
+    f["_send"].click(readable(send), [f["_text"]], [*[t2i.fields[k] for k in targets], tabs_block], queue=False,
                      api_visibility="private")

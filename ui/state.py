@@ -2,6 +2,7 @@
 `Context` every handler receives (created once in `ui.layout.build`)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,11 @@ class Options:
     # Uploads, Gradio's cached results and temp PNGs older than this many seconds are deleted
     # (checked every half of it, at most every 10 min); 0 keeps them until the server stops.
     cache_max_age: float = 3600.0
+    # Checkpoint switching (ui.models): model_loader(name) -> pipeline (None: VAE switching only), the
+    # start-up model's --model value, and how many checkpoints stay loaded.
+    model_loader: Callable[[str], Any] | None = None
+    model_spec: str | None = None
+    max_loaded_models: int = 1
 
     @property
     def max_upload_bytes(self) -> int:
@@ -48,11 +54,12 @@ class Context:
     jobs: Jobs = field(default_factory=Jobs)
     saver: Saver | None = None
     queues: Queues | None = None  # one queue per model, shared by the UI and the REST API (ui.turns)
-    models: Models | None = None  # checkpoint/VAE switching of pipes.base (ui.models); default: VAEs only
+    models: Models | None = None  # checkpoint/VAE switching of pipes.base (ui.models); default: from options
 
     def __post_init__(self) -> None:
         if self.models is None:
-            self.models = Models(self.pipes.base)
+            o = self.options
+            self.models = Models(self.pipes.base, loader=o.model_loader, spec=o.model_spec, max_loaded=o.max_loaded_models)
         if self.queues is None:
             self.queues = Queues(self.options.queue_size)
         if self.saver is None:

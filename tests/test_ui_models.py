@@ -1,0 +1,184 @@
+"""Checkpoint and VAE switching (ui.models) and the extra-networks panel (ui.networks), at handler level
+on a tiny models folder: no server, no browser."""
+from __future__ import annotations
+
+import gc
+import shutil
+import threading
+import time
+import weakref
+
+import numpy as np
+import pytest
+
+import models_folder
+from ui import models, networks, state
+
+KW = dict(width=32, height=32, steps=2, seed=3, sampler="Euler")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = models_folder.build(tmp_path_factory.mktemp("ui-models") / "models")
+    broken = shutil.copytree(root / "Stable-diffusion" / "alpha", root / "Stable-diffusion" / "broken")
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])  # truncated: ldm refuses it
+    return root
+
+
+def make_ctx(root, max_loaded=1, calls=None):
+    load = models_folder.loader(root)
+
+    def counted(spec):
+        if calls is not None:
+            calls.append(spec)
+        return load(spec)
+
+    pipe = load("alpha")
+    manager = models.Models(pipe, loader=counted, spec="alpha", max_loaded=max_loaded)
+    return state.Context(state.Pipes(pipe), state.Options(outputs=None), models=manager)
+
+
+def image(ctx, prompt="a cube"):
+    result = ctx.pipes.base.txt2img(prompt, **KW)
+    return np.asarray(result.images[0]), result.infotexts[0]
+
+
+def test_lists_checkpoints_and_vaes_of_the_folder(root):
+    ctx = make_ctx(root)
+    assert ctx.models.checkpoints() == ["alpha", "beta", "broken"]
+    assert ctx.models.vaes() == ["Automatic", "other-vae"]
+    assert models.model_choices(ctx) == (["alpha", "beta", "broken"], "alpha", ["Automatic", "other-vae"], "Automatic")
+
+
+def test_switch_serves_the_new_model_and_releases_the_old(root):
+    ctx = make_ctx(root)
+    before, info = image(ctx)
+    assert "Model: alpha" in info
+    old = weakref.ref(ctx.pipes.base)
+    ctx.queues.of(ctx.pipes.base)  # a queue holds the model too, as after a generation
+    assert models.switch_model(ctx, "beta", "Automatic") == "Serving beta."
+    gc.collect()
+    assert old() is None, "the previous pipeline is still referenced"
+    after, info = image(ctx)
+    assert "Model: beta" in info and not np.array_equal(before, after)
+
+
+def test_failed_load_keeps_the_previous_model_and_says_why(root):
+    ctx = make_ctx(root)
+    before, _ = image(ctx)
+    with pytest.raises(models.SwitchError, match="could not load broken: .* still serving alpha"):
+        models.switch_model(ctx, "broken", "Automatic")
+    assert ctx.models.checkpoint == "alpha" and ctx.pipes.base is not None
+    after, info = image(ctx)
+    assert "Model: alpha" in info and np.array_equal(before, after)
+
+
+def test_unknown_name_changes_nothing(root):
+    ctx = make_ctx(root)
+    pipe = ctx.pipes.base
+    with pytest.raises(ValueError, match="no checkpoint called 'alpah'.*close names: alpha"):
+        models.switch_model(ctx, "alpah", "Automatic")
+    assert ctx.pipes.base is pipe and not ctx.queues.of(pipe).waiting() and ctx.queues.of(pipe).running is None
+
+
+def test_vae_switch_changes_the_image_and_automatic_goes_back(root):
+    ctx = make_ctx(root)
+    base, _ = image(ctx)
+    assert models.switch_model(ctx, "alpha", "other-vae") == "Serving alpha, VAE other-vae."
+    other, info = image(ctx)
+    assert "VAE: other-vae" in info and np.abs(other.astype(int) - base).max() > 10
+    models.switch_model(ctx, "alpha", "Automatic")
+    back, info = image(ctx)
+    assert "VAE:" not in info and np.array_equal(back, base)
+
+
+def test_the_vae_stays_across_checkpoints_unless_changed(root):
+    ctx = make_ctx(root)
+    models.switch_model(ctx, "", "other-vae")
+    assert models.switch_model(ctx, "beta") == "Serving beta, VAE other-vae."
+    assert "Model: beta, VAE hash:" in image(ctx)[1]
+    assert models.switch_model(ctx, "", "Automatic") == "Serving beta."
+
+
+def test_a_bad_vae_keeps_the_current_one(root):
+    ctx = make_ctx(root)
+    pipe = ctx.pipes.base
+    with pytest.raises(models.SwitchError, match="could not load VAE nope"):
+        models.switch_model(ctx, "alpha", "nope")
+    assert ctx.pipes.base is pipe and ctx.models.vae == "Automatic"
+
+
+def test_max_loaded_keeps_models_and_switches_back_without_loading(root):
+    calls = []
+    ctx = make_ctx(root, max_loaded=2, calls=calls)
+    alpha = ctx.pipes.base
+    models.switch_model(ctx, "beta", "Automatic")
+    assert models.switch_model(ctx, "alpha", "Automatic") == "Serving alpha (2 of at most 2 kept loaded)."
+    assert ctx.pipes.base is alpha and calls == ["beta"]
+
+
+def test_switch_waits_for_the_running_request(root):
+    ctx = make_ctx(root)
+    pipe = ctx.pipes.base
+    turn = ctx.queues.enter(pipe, threading.Event())  # a generation holding the model
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (models.switch_model(ctx, "beta", "Automatic"), done.set()))
+    worker.start()
+    time.sleep(0.5)
+    assert not done.is_set() and ctx.pipes.base is pipe
+    ctx.queues.leave(pipe, turn)
+    worker.join(60)
+    assert done.is_set() and ctx.models.checkpoint == "beta"
+
+
+def test_networks_panel_lists_and_inserts_tags(root):
+    ctx = make_ctx(root)
+    rows = networks.network_rows(ctx)
+    assert rows == [["LoRA", "style", ""], ["Embedding", "glowy", ""]]
+    _, info = image(ctx, "a cube <lora:style:1>")  # the hash is cached once the LoRA is used
+    lora_hash = info.split('Lora hashes: "style: ')[1][:12]
+    assert networks.network_rows(ctx)[0] == ["LoRA", "style", lora_hash]
+    assert networks.insert_tag("a cube", "LoRA", "style") == "a cube <lora:style:1>"
+    assert networks.insert_tag("a cube <lora:style:1>", "LoRA", "style") == "a cube <lora:style:1>"
+    assert networks.insert_tag("", "Embedding", "glowy") == "glowy"
+    with pytest.raises(ValueError, match="unknown extra-network kind"):
+        networks.insert_tag("", "Hypernet", "x")
+
+
+def test_the_ui_has_the_bar_the_panel_and_the_endpoint(root):
+    from ui import build
+
+    ctx = make_ctx(root)
+    demo = build(ctx.pipes, ctx.options, ctx.models)
+    names = {fn.api_name for fn in demo.fns.values()}
+    assert "switch_model" in names
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    assert {"model-checkpoint", "model-vae", "model-refresh", "txt2img-networks-table"} <= ids
+
+
+def test_switch_and_list_over_the_api(root):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from conftest import free_port
+    from ui import build
+
+    ctx = make_ctx(root)
+    demo = build(ctx.pipes, ctx.options, ctx.models)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        listed = client.predict(api_name="/models")
+        assert listed == {"checkpoints": ["alpha", "beta", "broken"], "checkpoint": "alpha",
+                          "vaes": ["Automatic", "other-vae"], "vae": "Automatic"}
+        assert client.predict(checkpoint="beta", vae="other-vae", api_name="/switch_model") == "Serving beta, VAE other-vae."
+        info = client.predict(prompt="x", steps=1, seed=1, width=32, height=32, api_name="/txt2img")[1]
+        assert "Model: beta, VAE hash:" in info and "VAE: other-vae" in info
+        with pytest.raises(AppError, match="could not load broken"):
+            client.predict(checkpoint="broken", api_name="/switch_model")
+        assert client.predict(api_name="/models") | {"checkpoints": None} == {
+            "checkpoints": None, "checkpoint": "beta", "vaes": ["Automatic", "other-vae"], "vae": "other-vae"}
+    finally:
+        demo.close()
