@@ -182,3 +182,35 @@ def test_switch_and_list_over_the_api(root):
             "checkpoints": None, "checkpoint": "beta", "vaes": ["Automatic", "other-vae"], "vae": "other-vae"}
     finally:
         demo.close()
+
+
+def test_the_rest_api_follows_a_switch_and_does_not_hold_the_old_model(root, tmp_path):
+    """The API reads the serving model per request: after a switch it serves the new one, and the old
+    pipeline is released even with the API mounted (it once kept the start-up model for good)."""
+    import requests
+
+    from ui import build, sdapi
+
+    from conftest import free_port
+
+    ctx = make_ctx(root)
+    demo = build(ctx.pipes, ctx.options)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        sdapi.mount(demo.app, demo.ldm_context, sdapi.Settings())
+        live = demo.ldm_context
+        live.models = ctx.models
+        url = f"http://127.0.0.1:{port}/sdapi/v1"
+        assert requests.get(f"{url}/sd-models", timeout=10).json()[0]["model_name"] == "alpha"
+        old = weakref.ref(live.pipes.base)
+        assert models.switch_model(live, "beta", "Automatic") == "Serving beta."
+        gc.collect()
+        assert old() is None, "the API still holds the previous pipeline"
+        listed = requests.get(f"{url}/sd-models", timeout=10).json()
+        assert listed[0]["model_name"] == "beta" and {m["model_name"] for m in listed} == {"alpha", "beta", "broken"}
+        r = requests.post(f"{url}/txt2img", json={"prompt": "a cube", "steps": 2, "width": 32, "height": 32, "seed": 3},
+                          timeout=60)
+        assert r.status_code == 200 and "Model: beta" in r.json()["info"]
+    finally:
+        demo.close()

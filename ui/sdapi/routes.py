@@ -91,7 +91,13 @@ def planned(make: Callable[[], Plan]) -> Plan:
 def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
     router = APIRouter(dependencies=[Depends(basic_auth(settings.auth, settings.backoff))])
     jobs = Jobs(ctx, ttl=settings.job_ttl)
-    pipe = ctx.pipes.base
+
+    def serving():
+        """The model serving now: read per request, since the UI may switch checkpoints (ui.models)."""
+        if ctx.pipes.base is None:
+            raise HTTPException(503, "a model is loading after a checkpoint switch; try again in a moment")
+        return ctx.pipes.base
+
     options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1}
     controlnets = controlnet.ControlNets()  # loaded on first use, shared by the routes and jobs
 
@@ -111,11 +117,13 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
 
     @router.post(f"{PREFIX}/txt2img", response_model=GenerationResponse, tags=["sdapi"])
     def txt2img(req: Txt2ImgRequest) -> dict:
+        serving()  # 503 while a checkpoint switch loads the next model
         plan = planned(lambda: convert.plan_txt2img(ctx, req, options, controlnets=controlnets))
         return run_now(plan, convert.parameters(req))
 
     @router.post(f"{PREFIX}/img2img", response_model=GenerationResponse, tags=["sdapi"])
     def img2img(req: Img2ImgRequest) -> dict:
+        serving()
         plan = planned(lambda: convert.plan_img2img(ctx, req, options, controlnets=controlnets))
         return run_now(plan, convert.parameters(req))
 
@@ -135,6 +143,7 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
     @router.post(f"{PREFIX}/extra-single-image", response_model=ExtraSingleImageResponse, tags=["sdapi"])
     def extra_single_image(req: ExtraSingleImageRequest) -> dict:
         """Resize with a classic resampler (ldm.upscale_image); the image keeps its infotext."""
+        pipe = serving()
         try:
             if req.resize_mode != 0:
                 raise ValueError(f"resize_mode {req.resize_mode} is not supported; use 0 (scale by upscaling_resize)")
@@ -197,23 +206,31 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
 
     @router.get(f"{PREFIX}/sd-models", response_model=list[SDModelItem], tags=["sdapi"])
     def sd_models() -> list[dict]:
-        return [{"title": convert.model_title(pipe), "model_name": str(pipe.name), "hash": pipe.model_hash,
-                 "sha256": None, "filename": str(pipe.components.path), "config": None}]
+        pipe = serving()
+        serving_title = convert.model_title(pipe)
+        others = [name for name in ctx.models.checkpoints() if name != str(pipe.name)] if ctx.models else []
+        return [{"title": serving_title, "model_name": str(pipe.name), "hash": pipe.model_hash, "sha256": None,
+                 "filename": str(pipe.components.path), "config": None},
+                *({"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
+                  for name in others)]
 
     @router.get(f"{PREFIX}/sd-vae", tags=["sdapi"])
     def sd_vae() -> list[dict]:
+        pipe = serving()
         if pipe.library is None:
             return []
         return [{"model_name": e.name, "filename": str(e.path)} for e in pipe.library.list("vaes")]
 
     @router.get(f"{PREFIX}/loras", tags=["sdapi"])
     def loras() -> list[dict]:
+        pipe = serving()
         if pipe.library is None:
             return []
         return [{"name": e.stem, "alias": e.stem, "path": str(e.path), "metadata": {}} for e in pipe.library.list("loras")]
 
     @router.get(f"{PREFIX}/embeddings", tags=["sdapi"])
     def embeddings() -> dict:
+        pipe = serving()
         found = pipe.library.list("embeddings") if pipe.library is not None else []
         return {"loaded": {e.stem: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
                                     "vectors": None} for e in found}, "skipped": {}}
@@ -244,6 +261,7 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
     # ---- options ---------------------------------------------------------------------------
 
     def current_options() -> dict:
+        pipe = serving()
         outputs = ctx.options.outputs
         return {"sd_model_checkpoint": convert.model_title(pipe), "sd_checkpoint_hash": None, "sd_vae": "Automatic",
                 "CLIP_stop_at_last_layers": options["CLIP_stop_at_last_layers"], "samples_save": outputs is not None,
@@ -258,6 +276,7 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
     def set_options(req: dict[str, Any] = Body(...)) -> None:
         """Partial or whole (as GET gave it); honoured: CLIP_stop_at_last_layers, sd_model_checkpoint (the loaded
         one only), sd_vae ("Automatic"); other keys are accepted and ignored."""
+        pipe = serving()
         try:
             convert.check_checkpoint(ctx, req.get("sd_model_checkpoint"))
         except ValueError as exc:
@@ -288,6 +307,7 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
             raise HTTPException(422, exc.errors(include_input=False, include_url=False)) from None
         save = body.get("save_images", True) is not False
         make = convert.plan_txt2img if req.task == "txt2img" else convert.plan_img2img
+        serving()
         plan = planned(lambda: make(ctx, model, options, save=save, controlnets=controlnets))
         job = submit(plan, convert.parameters(model), "job")
         jobs.start(job)
