@@ -7,6 +7,7 @@ load function, as `python app.py` does.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,9 @@ def flag_choices(flag: str) -> list[str]:
 
 
 def cpu_args(model, *flags: str) -> argparse.Namespace:
-    return app.parse_args(["--model", str(model), "--device", "cpu", "--dtype", "float32", *flags])
+    # The models folder next to the model (a tmp folder), so the tests never create ./models in the checkout.
+    models_dir = str(Path(model).parent / "models")
+    return app.parse_args(["--model", str(model), "--device", "cpu", "--dtype", "float32", "--models-dir", models_dir, *flags])
 
 
 @pytest.mark.parametrize("choice", flag_choices("--attention"))
