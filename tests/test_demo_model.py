@@ -177,3 +177,20 @@ def test_classifier_softened_corners_still_square():
     assert W.classify(img).shape == "square"
     assert W.classify(W.render(W.Scene("red", "circle", "blue", 30, 10, 12))).shape == "circle"
     assert W.classify(W.render(W.Scene("red", "triangle", "blue", 30, 10, 12))).shape == "triangle"
+
+
+def test_shipped_text_encoders_use_the_canonical_key_layout():
+    """transformers 5 saves CLIPTextModel with flattened keys; other releases (5.5, as optimum-intel pins)
+    load those as nothing and keep a random encoder. Shipped weights use `text_model.…` like real SD files,
+    and load completely."""
+    from safetensors import safe_open
+    from transformers import CLIPTextModel
+
+    files = sorted(ROOT.glob("weights/*/text_encoder*/model.safetensors"))
+    assert files, "no shipped text encoder found"
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            keys = list(f.keys())
+        assert keys and all(k.startswith("text_model.") for k in keys), (file, [k for k in keys if not k.startswith("text_model.")][:3])
+        _, info = CLIPTextModel.from_pretrained(file.parent, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], (file, info)

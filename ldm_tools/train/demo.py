@@ -557,6 +557,17 @@ def stage_unet(cfg: DemoConfig, work: Path, vae, latents: torch.Tensor, combo_id
 # export
 
 
+def canonical_text_encoder_keys(file: Path) -> None:
+    """Rewrite a CLIP text encoder saved by transformers 5 (flattened keys: `embeddings.…`,
+    `encoder.layers.…`) in the layout real SD checkpoints use (`text_model.…`), which every
+    transformers release loads; older ones load the flattened keys as nothing, silently."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(file)
+    save_file({k if k.startswith("text_model.") else f"text_model.{k}": v.contiguous() for k, v in weights.items()},
+              file, metadata={"format": "pt"})
+
+
 def export(out: Path, vae, text_encoder, tokenizer_dir: Path, unet, cfg: DemoConfig, meta: dict) -> None:
     from diffusers import EulerDiscreteScheduler
 
@@ -569,6 +580,7 @@ def export(out: Path, vae, text_encoder, tokenizer_dir: Path, unet, cfg: DemoCon
             shutil.rmtree(d)
         model.to(dtype).save_pretrained(str(d), safe_serialization=True)
         model.to(torch.float32)
+    canonical_text_encoder_keys(out / "text_encoder" / "model.safetensors")
     tok = out / "tokenizer"
     tok.mkdir(exist_ok=True)
     for f in Path(tokenizer_dir).iterdir():
