@@ -121,10 +121,27 @@ _SD_LATENT_RGB = torch.tensor([
 ])
 
 
-def preview(latents: torch.Tensor) -> torch.Tensor:
-    """A cheap RGB preview of latents (no VAE): uint8 [N, H, W, 3] on the CPU at latent resolution."""
+def fit_preview_map(vae, *, samples: int = 4, side: int = 8, seed: int = 0) -> torch.Tensor:
+    """A model's own latent -> RGB map for live previews: [channels + 1, 3] (the last row a bias),
+    the least-squares fit from `samples` seeded random latents of `side`² to their VAE decodes,
+    pooled to latent resolution. A few small decodes: cheap enough to run once at load."""
+    gen = torch.Generator().manual_seed(seed)
+    lat = torch.randn(samples, vae.config.latent_channels, side, side, generator=gen)
+    with torch.no_grad():
+        pixels = decode(vae, lat)
+    rgb = torch.nn.functional.adaptive_avg_pool2d(pixels, side)  # [-1, 1], one colour per latent pixel
+    x = torch.cat([lat.permute(0, 2, 3, 1).reshape(-1, lat.shape[1]), torch.ones(lat[:, :1].numel(), 1)], 1)
+    y = rgb.permute(0, 2, 3, 1).reshape(-1, 3)
+    return torch.linalg.lstsq(x.double(), y.double()).solution.float()
+
+
+def preview(latents: torch.Tensor, rgb_map: torch.Tensor | None = None) -> torch.Tensor:
+    """A cheap RGB preview of latents (no VAE): uint8 [N, H, W, 3] on the CPU at latent resolution.
+    `rgb_map` (from `fit_preview_map`) gives the model's own colours; without it the SD 1.x/2.x factors."""
     lat = latents.detach().float().cpu()
-    if lat.shape[1] != 4:
+    if rgb_map is not None and rgb_map.shape == (lat.shape[1] + 1, 3):
+        rgb = torch.einsum("nchw,cr->nhwr", lat, rgb_map[:-1]) + rgb_map[-1]
+    elif lat.shape[1] != 4:
         lat = lat[:, :3] if lat.shape[1] >= 3 else lat.repeat(1, 3, 1, 1)[:, :3]
         rgb = lat.permute(0, 2, 3, 1)
     else:

@@ -64,8 +64,23 @@ def test_every_parameter_is_named_and_optional(client):
     assert {"image", "mask", "strength", "mask_blur", "inpaint_area", "padding", "masked_content", "invert_mask",
             "width", "height", "seed", "batch_size", "clip_skip"} <= set(names["/inpaint"])
     assert {"image", "method", "scale", "tile_size", "noise_level", "prompt"} <= set(names["/upscale"])
-    for ep, v in info.items():
-        assert all(p["parameter_has_default"] for p in v["parameters"]), ep
+    for ep, v in info.items():  # every parameter is optional but the images a task needs
+        optional = {p["parameter_name"] for p in v["parameters"] if p["parameter_has_default"]}
+        required = {p["parameter_name"] for p in v["parameters"]} - optional
+        assert required <= {"image", "mask"}, ep
+    assert {p["parameter_name"] for p in info["/inpaint"]["parameters"] if not p["parameter_has_default"]} == {"image", "mask"}
+    assert not any(p["parameter_has_default"] for p in info["/png_info"]["parameters"])
+
+
+def test_the_listing_names_outputs_and_types_whole_numbers(client):
+    """Issue 17 item 17: `images`, `infotext`, ... not `value_41`; steps/width/seed typed int."""
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for ep in ("/txt2img", "/img2img", "/inpaint", "/outpaint", "/upscale"):
+        assert [r["label"] for r in info[ep]["returns"]] == ["images", "infotext", "preview", "status"], ep
+    assert [r["label"] for r in info["/png_info"]["returns"]] == ["infotext"]
+    types = {p["parameter_name"]: p["python_type"]["type"] for p in info["/txt2img"]["parameters"]}
+    assert all(types[k] == "int" for k in ("steps", "width", "height", "seed", "batch_size", "batch_count", "clip_skip"))
+    assert types["guidance_scale"] == "float" and types["hires_scale"] == "float"
 
 
 def test_txt2img_and_png_info(client, server):
@@ -122,12 +137,14 @@ def test_upscale(client, picture, method, size):
         assert im.size == size
 
 
-def test_errors_are_readable_and_escaped(client):
+def test_errors_are_readable_and_unescaped(client):
+    """API clients get the plain message (the page shows it as text in the status line, no toast)."""
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError) as err:
-        client.predict(prompt="x", sampler="<b>bold</b>", steps=2, api_name="/txt2img")
-    assert "unknown sampler" in str(err.value) and "&lt;b&gt;" in str(err.value) and "<b>" not in str(err.value)
+        client.predict(prompt="x", sampler="<b>it's bold</b>", steps=2, api_name="/txt2img")
+    assert "unknown sampler" in str(err.value) and "<b>it's bold</b>" in str(err.value)
+    assert "&lt;" not in str(err.value) and "&#x27;" not in str(err.value)
     with pytest.raises(AppError, match="multiple of 8"):
         client.predict(prompt="x", width=33, steps=2, api_name="/txt2img")
 

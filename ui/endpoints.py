@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import gradio as gr
 
-from .errors import mark, readable, user_error
+from .errors import failed_text, mark, readable, user_error
 from .state import Context
 from .streaming import Output, Step
 from .widgets import Results
@@ -27,6 +27,11 @@ def api_params(handler: Callable) -> list[inspect.Parameter]:
     return [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
 
 
+def int_params(handler: Callable) -> set[str]:
+    """The API parameters the handler takes as whole numbers (annotated `int` or `int | None`)."""
+    return {p.name for p in api_params(handler) if str(p.annotation).replace(" ", "") in ("int", "int|None")}
+
+
 def endpoint(ctx: Context, handler: Callable) -> Callable:
     """Wrap a streaming handler as a Gradio generator function for a `Results` panel, with the
     handler's own parameter names (they become the API's) plus the request (for Stop) and progress."""
@@ -37,6 +42,7 @@ def endpoint(ctx: Context, handler: Callable) -> Callable:
         *values, request, progress = args
         session = getattr(request, "session_hash", None) or ""
         started = last = time.monotonic()
+        yield Results.status_only("Running…")  # never "idle" while a job starts
         try:
             for item in handler(ctx, **dict(zip(names, values)), session=session):
                 now = time.monotonic()
@@ -48,9 +54,11 @@ def endpoint(ctx: Context, handler: Callable) -> Callable:
                         last = now
                         yield Results.step(item, now - started)
                 else:
-                    _notify(item)
+                    if not item.partial:
+                        _notify(item)
                     yield Results.values(item, now - started)
         except Exception as exc:  # noqa: BLE001 - every error is a message (ui.errors)
+            yield Results.status_only(failed_text(exc))  # in the page, next to the action
             raise user_error(exc) from None
 
     extra = [

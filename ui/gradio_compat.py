@@ -10,7 +10,8 @@ Patches (replace a method on one Gradio component instance):
   our handler runs; its messages quote the raw value inside a gr.Error, which the page renders as
   HTML (a Radio given "<img onerror=...>"), and anything else it raises (a file that is not an
   image, a decompression bomb, text for a number, `Infinity` for a seed: OverflowError) reaches the
-  caller as `{"error": null}`. All become an escaped message naming the field.
+  caller as `{"error": null}`. All become a message naming the field: plain text without a toast
+  for API clients, escaped in a toast for image uploads (`_input_error`).
 * `check_image_headers(component)` replaces the `preprocess` of every `gr.Image`, `gr.ImageEditor`
   and `gr.Gallery` (`ui.layout.build` applies it to all of them: one mechanism for every image input,
   API or UI only; a gallery is an input of the "Send to" buttons). Gradio decodes uploads inside `preprocess` for `type="pil"` / `"numpy"` inputs and for the
@@ -42,6 +43,20 @@ Internals read (attributes of Gradio's FastAPI `App`, used by `ui.security.Acces
 * `starting(app, path)`: `app.startup_events_triggered`; launch() calls /gradio_api/startup-events
   once, without a session, to start the queue.
 
+Page assets without launch():
+
+* `blocks(css=, head=, **kwargs)`: Gradio 6 moved `css`/`head` from the Blocks constructor to
+  `launch()`, but still accepts them in the constructor (with a warning) and uses them when
+  launch() is given none. The UI's styles and keyboard script (`ui.page`) go there, so every
+  launch (app.py, tests, users' scripts) gets them; the warning is silenced.
+
+API description rewrite (the listing gradio_client users read; calls are unchanged):
+
+* `describe_api(demo, docs)` wraps `demo.get_api_info` (what `/gradio_api/info` and the page's
+  "Use via API" serve): return values named (`images`, `infotext`, `status`, ... instead of the
+  page's labels or `value_41`), the handlers' integer parameters typed `int` (a Slider says
+  float), and image parameters marked required (Gradio lists them as optional: their default is None).
+
 Attribute added:
 
 * `attach_context(demo, ctx)` sets `demo.ldm_context`, so app.py and the tests reach the handlers'
@@ -66,30 +81,40 @@ GRADIO_VERSION = "6.31.0"  # the version the entries above were written for
 
 
 def readable_errors(component, name: str):
-    """`component` with its input check's errors turned into escaped messages naming the field."""
+    """`component` with its input check's errors turned into messages naming the field (`_input_error`)."""
     if getattr(component, "_readable_errors", False):
         return component
     check = component.preprocess
     what = component.label or name
+    error = _input_error(component)
 
     def preprocess(payload):
         try:
             return check(payload)
         except gr.Error as exc:
-            raise gr.Error(html.escape(f"{what}: {exc.message}")) from None
+            raise error(f"{what}: {exc.message}") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise gr.Error(html.escape(f"{what}: the image is too large to open ({exc})")) from None
+            raise error(f"{what}: the image is too large to open ({exc})") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             name = getattr(payload, "orig_name", None) or "the file"
-            raise gr.Error(html.escape(f"{what}: {name} is not a readable image ({type(exc).__name__})")) from None
+            raise error(f"{what}: {name} is not a readable image ({type(exc).__name__})") from None
         except (TypeError, ValueError, ArithmeticError):  # Infinity for an integer: OverflowError
-            raise gr.Error(html.escape(f"{what}: {type(payload).__name__} is not a valid value here")) from None
+            raise error(f"{what}: {type(payload).__name__} is not a valid value here") from None
         except Exception as exc:  # noqa: BLE001 - anything else is still a message, never {"error": null}
-            raise gr.Error(html.escape(f"{what}: could not read the value ({type(exc).__name__})")) from None
+            raise error(f"{what}: could not read the value ({type(exc).__name__})") from None
 
     component.preprocess = preprocess
     component._readable_errors = True
     return component
+
+
+def _input_error(component):
+    """text -> gr.Error for an input check of `component`. Images: escaped, shown as a toast (the
+    page has no other place for an upload's error; a toast renders HTML). Other fields: plain text
+    for API clients and no toast (the page's own widgets cannot send such values)."""
+    if isinstance(component, IMAGE_INPUTS):
+        return lambda text: gr.Error(html.escape(text))
+    return lambda text: gr.Error(text, visible=False)
 
 
 IMAGE_INPUTS = (gr.Image, gr.ImageEditor, gr.Gallery)
@@ -205,6 +230,36 @@ def custom_auth(app: Any) -> bool:
 # ---- attribute added ----------------------------------------------------------------------------
 
 
+def blocks(*, css: str, head: str, **kwargs) -> gr.Blocks:
+    """A gr.Blocks carrying `css` and `head` for whichever launch() serves it (see the notes above)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The parameters have been moved from the Blocks constructor")
+        return gr.Blocks(css=css, head=head, **kwargs)
+
+
 def attach_context(demo: gr.Blocks, ctx: Any) -> gr.Blocks:
     demo.ldm_context = ctx
+    return demo
+
+
+def describe_api(demo: gr.Blocks, docs: dict[str, tuple[set[str], tuple[str, ...]]]) -> gr.Blocks:
+    """docs: api name -> (integer parameter names, return value names); see the notes above."""
+    original = demo.get_api_info
+
+    def get_api_info(*args, **kwargs):
+        info = original(*args, **kwargs)
+        for name, endpoint in (info or {}).get("named_endpoints", {}).items():
+            ints, returns = docs.get(name.lstrip("/"), (set(), ()))
+            for param in endpoint.get("parameters", []):
+                if param.get("parameter_name") in ints:
+                    param["type"] = {**(param.get("type") or {}), "type": "integer"}
+                    param["python_type"] = {**param.get("python_type", {}), "type": "int"}
+                if param.get("component") == "Image":
+                    param["parameter_has_default"], param["parameter_default"] = False, None
+            if len(returns) == len(endpoint.get("returns", [])):
+                for value, label in zip(endpoint["returns"], returns):
+                    value["label"] = label
+        return info
+
+    demo.get_api_info = get_api_info
     return demo

@@ -29,17 +29,19 @@ class Saver:
         self.temp_max_age = temp_max_age  # temp PNGs older than this are deleted (0 = kept)
         self._pruned = time.monotonic()
 
-    def save(self, image: Image.Image, infotext: str | None, *, seed: int | None, prompt: str, task: str) -> tuple[str | Image.Image, str | None]:
-        """-> (file path or, if even the temp write failed, the image itself; warning or None)."""
+    def save(self, image: Image.Image, infotext: str | None, *, seed: int | None, prompt: str, task: str,
+             extra: dict[str, str] | None = None) -> tuple[str | Image.Image, str | None]:
+        """-> (file path or, if even the temp write failed, the image itself; warning or None).
+        `extra`: more PNG text chunks (A1111's `postprocessing`)."""
         warning = None
         if self.folder is not None:
             try:
-                return str(self._write(self.folder / task, image, infotext, seed, prompt)), None
+                return str(self._write(self.folder / task, image, infotext, seed, prompt, extra)), None
             except OSError as exc:
                 warning = f"could not save to {self.folder / task}: {exc.strerror or exc}; the image is only in this page"
         self._prune_temp()
         try:
-            return str(self._write(self._temp, image, infotext, seed, prompt)), warning
+            return str(self._write(self._temp, image, infotext, seed, prompt, extra)), warning
         except OSError as exc:
             return image, warning or f"could not write a temporary PNG: {exc}"
 
@@ -56,7 +58,8 @@ class Saver:
             except OSError:
                 pass
 
-    def _write(self, folder: Path, image: Image.Image, infotext: str | None, seed: int | None, prompt: str) -> Path:
+    def _write(self, folder: Path, image: Image.Image, infotext: str | None, seed: int | None, prompt: str,
+               extra: dict[str, str] | None = None) -> Path:
         with self._lock:
             folder.mkdir(parents=True, exist_ok=True)
             number = self._next.get(folder)
@@ -67,8 +70,8 @@ class Saver:
                 number += 1
                 path = folder / safe_filename(number, seed, prompt)
             try:
-                if infotext:
-                    metadata.save_png(image, path, infotext)
+                if infotext or extra:
+                    metadata.save_png(image, path, infotext or "", extra)
                 else:
                     image.save(path, format="PNG")
             except OSError:

@@ -4,15 +4,20 @@ and the status-line texts shown for both.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
+from ldm.latents import fit_preview_map
 from ldm.latents import preview as latent_preview
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +36,7 @@ class Output:
     seeds: list[int]
     warnings: list[str] = field(default_factory=list)
     stopped: bool = False
+    partial: bool = False  # the finished batches of a run still going (shown, so Stop keeps them)
 
     @property
     def info(self) -> str:
@@ -43,20 +49,37 @@ StepCallback = Callable[[int, int, Any], bool]
 PREVIEW_SIDE = 128  # latents are 1/4..1/8 of the image; enlarge small previews so they are visible
 
 
-def preview_image(latents) -> Image.Image:
+_COLOURS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def preview_colours(pipe):
+    """The model's own latent -> RGB map for previews (`ldm.latents.fit_preview_map`: a few small
+    VAE decodes), fitted once per loaded model; call it while holding the model's turn. None (the
+    generic SD factors) if the fit fails."""
+    if pipe not in _COLOURS:
+        try:
+            _COLOURS[pipe] = fit_preview_map(pipe.components.vae)
+        except Exception:  # noqa: BLE001 - previews fall back to the generic colours
+            log.warning("could not fit preview colours for %s", pipe.name, exc_info=True)
+            _COLOURS[pipe] = None
+    return _COLOURS[pipe]
+
+
+def preview_image(latents, rgb_map=None) -> Image.Image:
     """Cheap latent -> RGB of the first image in the batch (no VAE), enlarged by a whole factor."""
-    image = Image.fromarray(latent_preview(latents[:1])[0].numpy())
+    image = Image.fromarray(latent_preview(latents[:1], rgb_map)[0].numpy())
     factor = max(1, PREVIEW_SIDE // max(image.size))
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST) if factor > 1 else image
 
 
 def stream_call(call: Callable[[StepCallback], Any], cancel: threading.Event, preview_every: int,
-                abandon_after: float | None = None) -> Iterator[Step | Any]:
+                abandon_after: float | None = None, rgb_map=None) -> Iterator[Step | Any]:
     """Run `call(callback)` in a worker thread; yield `Step`s as it progresses, then its return value.
 
     The callback returns the cancel flag, which is how ldm stops between steps. The flag is set
     when the consumer closes this generator (Stop, closed tab) or stops reading from it for
-    `abandon_after` seconds (a cancel that never reached the generator).
+    `abandon_after` seconds (a cancel that never reached the generator). `rgb_map`: the model's
+    preview colours (`preview_colours`).
     """
     cond = threading.Condition()
     state: dict[str, Any] = {"step": None, "preview": None, "done": False, "result": None, "error": None,
@@ -64,7 +87,7 @@ def stream_call(call: Callable[[StepCallback], Any], cancel: threading.Event, pr
 
     def callback(step: int, total: int, latents) -> bool:
         # Previews only every few steps, and never on the last (the decoded image follows).
-        image = preview_image(latents) if preview_every and step % preview_every == 0 and step < total else None
+        image = preview_image(latents, rgb_map) if preview_every and step % preview_every == 0 and step < total else None
         with cond:
             state["step"] = (step, total)
             state["preview"] = image or state["preview"]
@@ -120,7 +143,7 @@ def progress_text(step: Step, elapsed: float) -> str:
 def done_text(out: Output, elapsed: float) -> str:
     n = len(out.images)
     what = f"{n} image{'s' if n != 1 else ''} in {_seconds(elapsed)}"
-    return f"Stopped: {what}" if out.stopped else f"Done: {what}"
+    return f"Running: {what} so far" if out.partial else f"Stopped: {what}" if out.stopped else f"Done: {what}"
 
 
 def _seconds(s: float) -> str:

@@ -21,7 +21,7 @@ from ldm.params import MAX_SEED
 from . import choices
 from .convert import as_int, load_upload, size_or_none
 from .state import Context
-from .streaming import Output, Step, StepCallback, stream_call
+from .streaming import Output, Step, StepCallback, preview_colours, stream_call
 
 MAX_BATCH_COUNT = 100
 MAX_INFOTEXT_CHARS = 64 * 1024  # at most this much of a user's `parameters` chunk is shown or copied
@@ -69,6 +69,7 @@ def generate(ctx: Context, task: str, call: Callable[[int, StepCallback], Any], 
     turn = None
     try:
         turn = ctx.queues.enter(pipe, cancel, "ui")  # None: stopped while waiting (the loop sees the flag)
+        colours = preview_colours(pipe) if ctx.options.preview_every and turn is not None else None
         for k in range(batch_count):
             if cancel.is_set():
                 out.stopped = True
@@ -76,7 +77,7 @@ def generate(ctx: Context, task: str, call: Callable[[int, StepCallback], Any], 
             seed_k = seed0 + k * batch_size
             try:
                 stream = stream_call(lambda cb, s=seed_k: call(s, cb), cancel, ctx.options.preview_every,
-                                     ctx.options.abandon_after)
+                                     ctx.options.abandon_after, rgb_map=colours)
                 for item in stream:
                     if isinstance(item, Step):
                         item.batch, item.batch_count = k, batch_count
@@ -233,8 +234,11 @@ def _resize(ctx: Context, picture: Image.Image, source: Any, method: str, scale:
     if not 0 < scale <= 8:
         raise ValueError(f"scale must be in (0, 8], got {scale}")
     image = ldm.upscale_image(picture, scale, method, max_size=ctx.pipes.base.options.max_upscale_size)
-    info = _infotext_of(ctx, source) or ""  # keep the original's parameters on the bigger copy
-    saved, warning = ctx.saver.save(image, info, seed=None, prompt=f"{method}-x{scale:g}", task="upscale")
+    # As A1111: the original's parameters (Size now the new size) and what was done, as `postprocessing`.
+    info = metadata.with_size(_infotext_of(ctx, source) or "", *image.size)
+    post = metadata.postprocessing(scale, method.title())
+    saved, warning = ctx.saver.save(image, info, seed=None, prompt=f"{method}-x{scale:g}", task="upscale",
+                                    extra={"postprocessing": post})
     yield Output([saved], [info], [], [warning] if warning else [])
 
 

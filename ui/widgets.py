@@ -16,6 +16,7 @@ import ldm
 from ldm import samplers
 
 from . import choices
+from .errors import readable
 from .state import Context
 from .streaming import Output, Step, done_text, progress_text
 from .tasks import MAX_BATCH_COUNT
@@ -38,6 +39,8 @@ class Results:
     send_inpaint: gr.Button
     send_upscale: gr.Button
 
+    API_NAMES = ("images", "infotext", "preview", "status")  # the returns an API client sees (states are not)
+
     @property
     def outputs(self) -> list:
         # API returns: images, infotext of the first image, live preview (None at the end), status line.
@@ -48,6 +51,11 @@ class Results:
         if not out.images:  # stopped before any image: keep the previous results on screen
             return (gr.skip(), gr.skip(), None, done_text(out, elapsed), gr.skip(), gr.skip(), gr.skip())
         return out.images, out.info, None, done_text(out, elapsed), out.infotexts, out.seeds, 0
+
+    @staticmethod
+    def status_only(text: str) -> tuple:
+        """Only the status line changes ("Running…", "Failed: <why>"); the preview is cleared."""
+        return (gr.skip(), gr.skip(), None, text, gr.skip(), gr.skip(), gr.skip())
 
     @staticmethod
     def step(step: Step, elapsed: float) -> tuple:
@@ -76,9 +84,11 @@ def sampler_fields(pipe, name: str, defaults: dict | None = None) -> dict[str, g
                           allow_custom_value=True)
     schedule = gr.Dropdown(choices.schedules_for(samplers.DEFAULT_SAMPLER), value=samplers.DEFAULT_SCHEDULE,
                            label="Schedule type", allow_custom_value=True)
-    sampler.change(_schedule_update, [sampler, schedule], schedule, queue=False, api_visibility="private")
+    sampler.change(readable(_schedule_update), [sampler, schedule], schedule, queue=False, api_visibility="private")
     with gr.Row():
-        steps = gr.Slider(1, min(150, pipe.limits.max_steps), value=d["steps"], step=1, label="Sampling steps",
+        # Minimums below ldm's (1 step, 1 pixel): the page clamps to a slider's minimum without a
+        # word, so out-of-range values go through and ldm refuses them with its message.
+        steps = gr.Slider(0, min(150, pipe.limits.max_steps), value=d["steps"], step=1, label="Sampling steps",
                           elem_id=f"{name}-steps")
         cfg = gr.Slider(0, 30, value=d["guidance_scale"], step=0.5, label="CFG scale")
     return {"sampler": sampler, "schedule": schedule, "steps": steps, "guidance_scale": cfg}
@@ -92,7 +102,7 @@ def _schedule_update(sampler: str, schedule: str):
 def size_fields(pipe, name: str, from_image: bool) -> dict[str, gr.Slider]:
     """Width/height on the model's size step; 0 means "the input image's size" where there is one."""
     step, top = pipe.limits.size_step, pipe.limits.max_size
-    low, value = (0, 0) if from_image else (step, pipe.default_size)
+    low, value = 0, 0 if from_image else pipe.default_size  # 0: see sampler_fields (txt2img refuses it)
     note = " (0 = image's)" if from_image else ""
     with gr.Row():
         width = gr.Slider(low, top, value=value, step=step, label="Width" + note, elem_id=f"{name}-width")
@@ -102,14 +112,14 @@ def size_fields(pipe, name: str, from_image: bool) -> dict[str, gr.Slider]:
 
 def seed_fields(pipe, name: str) -> dict[str, gr.components.Component]:
     with gr.Row(equal_height=True):
-        seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", scale=4, minimum=-1)
-        dice = gr.Button("🎲", scale=0, min_width=40)
-        reuse = gr.Button("♻️", scale=0, min_width=40)
+        seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", scale=4, minimum=-1, elem_id=f"{name}-seed")
+        dice = gr.Button("🎲", scale=0, min_width=40, elem_id=f"{name}-random-seed")  # tooltips: ui.page
+        reuse = gr.Button("♻️", scale=0, min_width=40, elem_id=f"{name}-reuse-seed")
     with gr.Row():
         batch_size = gr.Slider(1, pipe.limits.max_batch, value=1, step=1, label="Batch size",
                                elem_id=f"{name}-batch-size")
-        batch_count = gr.Slider(1, MAX_BATCH_COUNT, value=1, step=1, label="Batch count")
-    dice.click(lambda: -1, None, seed, queue=False, api_visibility="private")
+        batch_count = gr.Slider(1, MAX_BATCH_COUNT, value=1, step=1, label="Batch count", elem_id=f"{name}-batch-count")
+    dice.click(readable(lambda: -1), None, seed, queue=False, api_visibility="private")
     return {"seed": seed, "batch_size": batch_size, "batch_count": batch_count, "_reuse": reuse}
 
 
@@ -137,7 +147,7 @@ def prompt_fields(name: str) -> dict[str, gr.Textbox]:
 
 
 def action_buttons(name: str, label: str = "Generate") -> tuple[gr.Button, gr.Button]:
-    with gr.Row():
+    with gr.Row(elem_classes=["ldm-actions"]):  # on a narrow screen the results follow this row (ui.page)
         go = gr.Button(label, variant="primary", elem_id=f"{name}-generate")
         stop = gr.Button("Stop", variant="stop", elem_id=f"{name}-stop")
     return go, stop
@@ -157,15 +167,17 @@ class Tab:
 def txt2img_tab(ctx: Context) -> Tab:
     pipe = ctx.pipes.base
     with gr.Row():
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, elem_classes=["ldm-inputs"]):
             f = prompt_fields("txt2img")
             go, stop = action_buttons("txt2img")
             f |= generation_fields(pipe, "txt2img", from_image=False)
             f["fast"] = gr.Checkbox(value=False, label="Fast preset (about 1.5-2x faster, slightly different images)")
             with gr.Accordion("Hires fix", open=False):
-                f["hires_scale"] = gr.Slider(1, 4, value=1, step=0.05, label="Upscale by (1 = off)")
-                f["hires_strength"] = gr.Slider(0.05, 1, value=0.5, step=0.01, label="Denoising strength")
-        with gr.Column(scale=1):
+                f["hires_scale"] = gr.Slider(1, 4, value=1, step=0.05, label="Upscale by (1 = off)",
+                                             elem_id="txt2img-hires-scale")
+                f["hires_strength"] = gr.Slider(0.05, 1, value=0.5, step=0.01, label="Denoising strength",
+                                                elem_id="txt2img-hires-strength")
+        with gr.Column(scale=1, elem_classes=["ldm-results"]):
             results = results_panel("txt2img")
     return Tab(f, results, go, stop)
 
@@ -173,13 +185,13 @@ def txt2img_tab(ctx: Context) -> Tab:
 def img2img_tab(ctx: Context) -> Tab:
     pipe = ctx.pipes.base
     with gr.Row():
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, elem_classes=["ldm-inputs"]):
             f = {"image": image_field("img2img")}
             f |= prompt_fields("img2img")
             go, stop = action_buttons("img2img")
             f["strength"] = gr.Slider(0.01, 1, value=0.75, step=0.01, label="Denoising strength")
             f |= generation_fields(pipe, "img2img", from_image=True)
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, elem_classes=["ldm-results"]):
             results = results_panel("img2img")
     return Tab(f, results, go, stop)
 
@@ -187,7 +199,7 @@ def img2img_tab(ctx: Context) -> Tab:
 def inpaint_tab(ctx: Context) -> Tab:
     pipe = ctx.pipes.inpaint or ctx.pipes.base
     with gr.Row():
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, elem_classes=["ldm-inputs"]):
             f: dict[str, Any] = {}
             f["_editor"] = gr.ImageEditor(
                 label="Image — paint over what to repaint (brush size in the brush menu)", type="pil",
@@ -216,7 +228,7 @@ def inpaint_tab(ctx: Context) -> Tab:
                     for side in ("left", "right", "top", "bottom"):
                         f[side] = gr.Slider(0, 512, value=0, step=pipe.limits.size_step, label=f"{side.title()}, pixels")
                 f["_outpaint"] = gr.Button("Outpaint", variant="primary", elem_id="outpaint-generate")
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, elem_classes=["ldm-results"]):
             results = results_panel("inpaint")
     return Tab(f, results, go, stop)
 
@@ -225,7 +237,7 @@ def upscale_tab(ctx: Context) -> Tab:
     pipe = ctx.pipes.base
     methods = choices.upscale_methods(ctx.pipes.upscale is not None)
     with gr.Row():
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, elem_classes=["ldm-inputs"]):
             f = {"image": image_field("upscale")}
             default = choices.UPSCALE_X4 if choices.UPSCALE_X4 in methods else "lanczos"
             f["method"] = gr.Radio(methods, value=default, label="Method")
@@ -242,7 +254,7 @@ def upscale_tab(ctx: Context) -> Tab:
                 f["upscaler"] = gr.Radio(list(ldm.HIRES_UPSCALERS), value="lanczos", label="Hires fix upscaler")
                 f |= sampler_fields(pipe, "upscale")
                 f["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1)
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, elem_classes=["ldm-results"]):
             results = results_panel("upscale")
     return Tab(f, results, go, stop)
 
@@ -261,6 +273,7 @@ def png_info_tab(ctx: Context) -> Tab:
             image = gr.Image(label="PNG", type="filepath", image_mode=None, format="png", height=360,
                              sources=["upload", "clipboard"], elem_id="png-info-image")
         with gr.Column():
-            text = gr.Textbox(label="Parameters", lines=8, interactive=False, buttons=["copy"], elem_id="png-info-text")
+            text = gr.Textbox(label="Parameters", lines=8, interactive=False, buttons=["copy"], elem_id="png-info-text",
+                              placeholder="No generation parameters found in this image.")
             send = gr.Button("Send to txt2img")
     return Tab({"image": image, "_text": text, "_send": send})
