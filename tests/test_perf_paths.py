@@ -46,7 +46,7 @@ def test_ui_callback_previews_every_n_steps_only(base_pipe, monkeypatch):
     streaming = pytest.importorskip("ui.streaming")
     calls = []
     real = streaming.latent_preview
-    monkeypatch.setattr(streaming, "latent_preview", lambda x: calls.append(1) or real(x))
+    monkeypatch.setattr(streaming, "latent_preview", lambda *a: calls.append(1) or real(*a))
     for every, expected in ((5, 2), (0, 0)):  # 12 steps: previews after steps 5 and 10, none on the last
         calls.clear()
         gen = streaming.stream_call(lambda cb: small(base_pipe, steps=12, callback=cb), threading.Event(), every)
