@@ -71,6 +71,28 @@ class WebApp:
 
 
 @pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium through Playwright, for a module's browser tests (they skip without it)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"browser tests need Chromium at {CHROMIUM}")
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, url):
+    """The UI at the module's `url` fixture, loaded, in a 1400x1000 page."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#txt2img-prompt textarea", timeout=60_000)
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
 def launch_web_app(tmp_path_factory):
     """launch_web_app(pipes, auth=[("u", "p")], **Options fields) -> WebApp; all closed after the module."""
     from ui import build

@@ -9,13 +9,13 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, CHROMIUM_ARGS, free_port
+from conftest import CHROMIUM, free_port
 
 pytestmark = pytest.mark.browser
 
 if not CHROMIUM.exists():
     pytest.skip(f"browser tests need Chromium at {CHROMIUM}", allow_module_level=True)
-playwright_api = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
+pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
 
 
 @pytest.fixture(scope="module")
@@ -28,23 +28,6 @@ def url(base_pipe, tmp_path_factory):
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser, url):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
-    page.wait_for_selector("#txt2img-prompt textarea", timeout=60_000)
-    yield page
-    page.close()
 
 
 def status_of(page, tab: str) -> str:
