@@ -18,6 +18,7 @@ import tiny
 from ldm import samplers
 from ldm.controlnet import ControlNet
 from ldm.metadata import parse_infotext
+from pixels import gens, max_diff, px
 
 TOL = 2  # per pixel, out of 255
 VISIBLE = 10  # the control must change the image by more than this
@@ -60,19 +61,6 @@ def control_image(seed: int = 0, w: int = W, h: int = H) -> Image.Image:
         x, y = rng.integers(0, w - 8), rng.integers(0, h - 8)
         a[y:y + rng.integers(4, 12), x:x + rng.integers(4, 12)] = rng.integers(80, 256, 3)
     return Image.fromarray(a)
-
-
-def px(image) -> np.ndarray:
-    return np.asarray(image, np.int16)
-
-
-def max_diff(ours, theirs) -> int:
-    assert len(ours) == len(theirs)
-    return max(int(np.abs(px(a) - px(b)).max()) for a, b in zip(ours, theirs))
-
-
-def gens(seed, n):
-    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
 
 
 def reference(cls, base_model, cn_folders, n_nets, sampler, seeds, **kw):

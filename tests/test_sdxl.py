@@ -10,6 +10,7 @@ from PIL import Image
 import ldm
 import tiny_sdxl
 from ldm import samplers
+from pixels import gens, max_diff, px
 
 TOL = 2  # per pixel, out of 255
 W, H = 32, 24  # not square, to catch w/h mix-ups
@@ -30,19 +31,6 @@ def reference(cls, folder, sampler, seeds):
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = samplers.make_scheduler(sampler, "Automatic", dict(pipe.scheduler.config), seeds=seeds)
     return pipe
-
-
-def px(image) -> np.ndarray:
-    return np.asarray(image, np.int16)
-
-
-def max_diff(ours, theirs) -> int:
-    assert len(ours) == len(theirs)
-    return max(int(np.abs(px(a) - px(b)).max()) for a, b in zip(ours, theirs))
-
-
-def gens(seed, n):
-    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
 
 
 def noise_image(w=W, h=H, seed=0) -> Image.Image:
