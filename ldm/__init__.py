@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from .accel import configure, weights_device
@@ -49,9 +50,9 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, options: Options 
     prompts are looked up there; `vae` names a VAE in its VAE/ folder to use instead of the checkpoint's own."""
     base = options or Options()
     try:
-        opts = base.__class__(**{**base.__dict__, **option_fields}).validate()
+        opts = dataclasses.replace(base, **option_fields).validate()
     except TypeError:
-        unknown = sorted(set(option_fields) - set(base.__dict__))
+        unknown = sorted(set(option_fields) - {f.name for f in dataclasses.fields(base)})
         raise TypeError(f"ldm.load got unknown argument(s): {', '.join(unknown)}") from None
     library = Library(models_dir) if models_dir is not None else None
     if library is not None and not os.path.exists(os.path.expanduser(model)):
