@@ -20,6 +20,11 @@ MASKED_CONTENT: list[tuple[str, str]] = [
     ("Latent nothing", MaskedContent.LATENT_NOTHING.value),
 ]
 
+# ControlNet units (ui.control_widgets): (label, ldm name) from ldm's tables.
+CONTROL_PREPROCESSORS: list[tuple[str, str]] = [(p.label, name) for name, p in ldm.PREPROCESSORS.items()]
+CONTROL_MODES: list[str] = list(ldm.CONTROL_MODES)
+CONTROL_RESIZE: list[tuple[str, str]] = [(label, name) for name, label in ldm.RESIZE_MODES.items()]
+
 UPSCALE_X4 = "x4 model"
 UPSCALE_HIRES = "hires fix"
 RESIZE_METHODS: tuple[str, ...] = tuple(ldm.RESAMPLERS)  # plain resizes by ldm.upscale_image

@@ -242,8 +242,10 @@ def attach_context(demo: gr.Blocks, ctx: Any) -> gr.Blocks:
     return demo
 
 
-def describe_api(demo: gr.Blocks, docs: dict[str, tuple[set[str], tuple[str, ...]]]) -> gr.Blocks:
-    """docs: api name -> (integer parameter names, return value names); see the notes above."""
+def describe_api(demo: gr.Blocks, docs: dict[str, tuple[set[str], tuple[str, ...]]],
+                 optional_images: tuple[str, ...] = ()) -> gr.Blocks:
+    """docs: api name -> (integer parameter names, return value names); see the notes above.
+    optional_images: image parameters that stay optional (e.g. ControlNet units' images)."""
     original = demo.get_api_info
 
     def get_api_info(*args, **kwargs):
@@ -254,7 +256,7 @@ def describe_api(demo: gr.Blocks, docs: dict[str, tuple[set[str], tuple[str, ...
                 if param.get("parameter_name") in ints:
                     param["type"] = {**(param.get("type") or {}), "type": "integer"}
                     param["python_type"] = {**param.get("python_type", {}), "type": "int"}
-                if param.get("component") == "Image":
+                if param.get("component") == "Image" and param.get("parameter_name") not in optional_images:
                     param["parameter_has_default"], param["parameter_default"] = False, None
             if len(returns) == len(endpoint.get("returns", [])):
                 for value, label in zip(endpoint["returns"], returns):

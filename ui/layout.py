@@ -15,7 +15,7 @@ from typing import Any
 
 import gradio as gr
 
-from . import convert, editor, page, tasks
+from . import control, convert, editor, page, tasks
 from .endpoints import api_params, endpoint, int_params, plain
 from .errors import explain, readable
 from .gradio_compat import attach_context, blocks, check_image_headers, describe_api, readable_errors
@@ -91,7 +91,7 @@ def explain_failure(event, fn: Callable, inputs: list, status) -> None:
 
 
 SENT_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "steps", "guidance_scale", "seed", "width",
-               "height")
+               "height") + control.pasted_names()
 
 
 def _sender(target: str, keys: list[str]) -> Callable:
@@ -99,7 +99,8 @@ def _sender(target: str, keys: list[str]) -> Callable:
         path = convert.selected_image(gallery, index)
         if path is None:
             raise gr.Error("no image to send: generate one first")
-        values = convert.infotext_fields(convert.selected(infotexts, index, ""))
+        text = convert.selected(infotexts, index, "")
+        values = convert.infotext_fields(text) | control.infotext_values(text)
         image = {"background": path, "layers": [], "composite": path} if target == "inpaint" else path
         return (image, *[values.get(k, gr.skip()) for k in keys], gr.Tabs(selected=target))
 
@@ -154,7 +155,8 @@ def build(pipes: Pipes, options: Options | None = None, models: Models | None = 
     for block in demo.blocks.values():  # every image input, whichever event it feeds
         check_image_headers(block)
     describe_api(demo, {**{name: (int_params(handler), Results.API_NAMES) for name, handler in GENERATION.items()},
-                        "png_info": (set(), ("infotext",))})
+                        "png_info": (set(), ("infotext",))},
+                 optional_images=tuple(n for n in control.param_names() if n.endswith("_image")))
     demo.queue(max_size=ctx.options.queue_size, default_concurrency_limit=1)
     return attach_context(demo, ctx)  # for tests and app.py
 
@@ -184,10 +186,10 @@ def _wire_png_info(ctx: Context, tab: Tab, t2i: Tab, tabs_block: gr.Tabs) -> Non
                       concurrency_limit=None)
     targets = [k for k in ("prompt", "negative_prompt", "sampler", "schedule", "steps", "guidance_scale", "seed",
                            "width", "height", "clip_skip", "hires_scale", "hires_strength", "hires_steps",
-                           "hires_upscaler") if k in t2i.fields]
+                           "hires_upscaler", *control.pasted_names()) if k in t2i.fields]
 
     def send(text: str):
-        values = convert.infotext_fields(text)
+        values = convert.infotext_fields(text) | control.infotext_values(text)
         return (*[values.get(k, gr.skip()) for k in targets], gr.Tabs(selected="txt2img"))
 
     f["_send"].click(readable(send), [f["_text"]], [*[t2i.fields[k] for k in targets], tabs_block], queue=False,

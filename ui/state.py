@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .controlnets import ControlNets
 from .jobs import Jobs
 from .models import Models
 from .saving import Saver
@@ -55,6 +56,7 @@ class Context:
     saver: Saver | None = None
     queues: Queues | None = None  # one queue per model, shared by the UI and the REST API (ui.turns)
     models: Models | None = None  # checkpoint/VAE switching of pipes.base (ui.models); default: from options
+    controlnets: ControlNets = field(default_factory=ControlNets)  # loaded lazily; the UI's and the API's
 
     def __post_init__(self) -> None:
         if self.models is None:

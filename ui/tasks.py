@@ -18,7 +18,7 @@ import ldm
 from ldm import metadata, samplers
 from ldm.params import MAX_SEED
 
-from . import choices
+from . import choices, control
 from .convert import as_int, load_upload, size_or_none
 from .state import Context
 from .streaming import Output, Step, StepCallback, preview_colours, stream_call
@@ -111,11 +111,12 @@ def _collect(ctx: Context, out: Output, result, task: str, prompt: str) -> None:
 # ---- tasks ----------------------------------------------------------------------------------
 
 
+@control.takes_units
 def txt2img(ctx: Context, prompt: str = "", negative_prompt: str = "", sampler: str = samplers.DEFAULT_SAMPLER,
             schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20, guidance_scale: float = 7.0,
             width: int | None = None, height: int | None = None, seed: int = -1, batch_size: int = 1,
             batch_count: int = 1, clip_skip: int = 1, hires_scale: float = 1.0, hires_strength: float = 0.5,
-            fast: bool = False, *, session: str = "") -> Iterator[Step | Output]:
+            fast: bool = False, *, session: str = "", **controlnet) -> Iterator[Step | Output]:
     pipe = ctx.pipes.base
     settings = sampling(steps, guidance_scale, sampler, schedule, clip_skip)
     settings.update(width=None if width is None else as_int("width", width),  # 0 is refused by ldm
@@ -125,6 +126,7 @@ def txt2img(ctx: Context, prompt: str = "", negative_prompt: str = "", sampler: 
         settings["fast"] = True
     if hires_scale and float(hires_scale) > 1:
         settings.update(hires_scale=float(hires_scale), hires_strength=float(hires_strength))
+    settings.update(control.keywords(ctx, pipe, controlnet))
 
     def call(seed: int, callback: StepCallback):
         return pipe.txt2img(prompt, seed=seed, callback=callback, **settings)
@@ -133,15 +135,18 @@ def txt2img(ctx: Context, prompt: str = "", negative_prompt: str = "", sampler: 
                     batch_count=batch_count, session=session)
 
 
+@control.takes_units
 def img2img(ctx: Context, image: Any = None, prompt: str = "", negative_prompt: str = "", strength: float = 0.75,
             sampler: str = samplers.DEFAULT_SAMPLER, schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20,
             guidance_scale: float = 7.0, width: int | None = 0, height: int | None = 0, seed: int = -1,
-            batch_size: int = 1, batch_count: int = 1, clip_skip: int = 1, *, session: str = "") -> Iterator[Step | Output]:
+            batch_size: int = 1, batch_count: int = 1, clip_skip: int = 1, *, session: str = "",
+            **controlnet) -> Iterator[Step | Output]:
     pipe = ctx.pipes.base
     picture = load_upload(ctx, image)
     settings = sampling(steps, guidance_scale, sampler, schedule, clip_skip)
     settings.update(width=size_or_none("width", width), height=size_or_none("height", height),
                     batch_size=as_int("batch_size", batch_size), negative_prompt=negative_prompt, strength=float(strength))
+    settings.update(control.keywords(ctx, pipe, controlnet, init_image=picture))
 
     def call(seed: int, callback: StepCallback):
         return pipe.img2img(picture, prompt, seed=seed, callback=callback, **settings)
@@ -150,12 +155,13 @@ def img2img(ctx: Context, image: Any = None, prompt: str = "", negative_prompt: 
                     batch_count=batch_count, session=session)
 
 
+@control.takes_units
 def inpaint(ctx: Context, image: Any = None, mask: Any = None, prompt: str = "", negative_prompt: str = "",
             strength: float = 0.75, mask_blur: int = 4, inpaint_area: str = "whole", padding: int = 32,
             masked_content: str = "original", invert_mask: bool = False, sampler: str = samplers.DEFAULT_SAMPLER,
             schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20, guidance_scale: float = 7.0,
             width: int | None = 0, height: int | None = 0, seed: int = -1, batch_size: int = 1,
-            batch_count: int = 1, clip_skip: int = 1, *, session: str = "") -> Iterator[Step | Output]:
+            batch_count: int = 1, clip_skip: int = 1, *, session: str = "", **controlnet) -> Iterator[Step | Output]:
     """mask: white = repaint; an alpha channel that varies counts with transparent = repaint."""
     pipe = ctx.pipes.inpaint or ctx.pipes.base
     picture = load_upload(ctx, image)
@@ -167,6 +173,7 @@ def inpaint(ctx: Context, image: Any = None, mask: Any = None, prompt: str = "",
         invert_mask=bool(invert_mask), width=size_or_none("width", width), height=size_or_none("height", height),
         batch_size=as_int("batch_size", batch_size),
     )
+    settings.update(control.keywords(ctx, pipe, controlnet, init_image=picture))
 
     def call(seed: int, callback: StepCallback):
         return pipe.inpaint(picture, mask_image, prompt, seed=seed, callback=callback, **settings)
@@ -175,17 +182,20 @@ def inpaint(ctx: Context, image: Any = None, mask: Any = None, prompt: str = "",
                     batch_count=batch_count, session=session, pipe=pipe)
 
 
+@control.takes_units
 def outpaint(ctx: Context, image: Any = None, prompt: str = "", negative_prompt: str = "", left: int = 0,
              right: int = 0, top: int = 0, bottom: int = 0, strength: float = 1.0, mask_blur: int = 4,
              masked_content: str = "fill", sampler: str = samplers.DEFAULT_SAMPLER,
              schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20, guidance_scale: float = 7.0, seed: int = -1,
-             batch_size: int = 1, batch_count: int = 1, clip_skip: int = 1, *, session: str = "") -> Iterator[Step | Output]:
+             batch_size: int = 1, batch_count: int = 1, clip_skip: int = 1, *, session: str = "",
+             **controlnet) -> Iterator[Step | Output]:
     pipe = ctx.pipes.inpaint or ctx.pipes.base
     picture = load_upload(ctx, image)
     settings = sampling(steps, guidance_scale, sampler, schedule, clip_skip)
     settings.update(negative_prompt=negative_prompt, batch_size=as_int("batch_size", batch_size),
                     strength=float(strength), mask_blur=as_int("mask_blur", mask_blur), masked_content=masked_content,
                     **{side: as_int(side, v) for side, v in (("left", left), ("right", right), ("top", top), ("bottom", bottom))})
+    settings.update(control.keywords(ctx, pipe, controlnet, init_image=picture))
 
     def call(seed: int, callback: StepCallback):
         return pipe.outpaint(picture, prompt, seed=seed, callback=callback, **settings)

@@ -16,6 +16,7 @@ import ldm
 from ldm import samplers
 
 from . import choices
+from .control_widgets import control_accordion
 from .errors import readable
 from .state import Context
 from .streaming import Output, Step, done_text, progress_text
@@ -177,6 +178,7 @@ def txt2img_tab(ctx: Context) -> Tab:
                                              elem_id="txt2img-hires-scale")
                 f["hires_strength"] = gr.Slider(0.05, 1, value=0.5, step=0.01, label="Denoising strength",
                                                 elem_id="txt2img-hires-strength")
+            f |= control_accordion(ctx, "txt2img", (f["width"], f["height"]), uses_tab_image=False)
         with gr.Column(scale=1, elem_classes=["ldm-results"]):
             results = results_panel("txt2img")
     return Tab(f, results, go, stop)
@@ -191,6 +193,7 @@ def img2img_tab(ctx: Context) -> Tab:
             go, stop = action_buttons("img2img")
             f["strength"] = gr.Slider(0.01, 1, value=0.75, step=0.01, label="Denoising strength")
             f |= generation_fields(pipe, "img2img", from_image=True)
+            f |= control_accordion(ctx, "img2img", (f["width"], f["height"]), uses_tab_image=True)
         with gr.Column(scale=1, elem_classes=["ldm-results"]):
             results = results_panel("img2img")
     return Tab(f, results, go, stop)
@@ -223,6 +226,7 @@ def inpaint_tab(ctx: Context) -> Tab:
                 f["padding"] = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels")
             f["masked_content"] = gr.Radio(choices.MASKED_CONTENT, value="original", label="Masked content")
             f |= generation_fields(pipe, "inpaint", from_image=True)
+            f |= control_accordion(ctx, "inpaint", (f["width"], f["height"]), uses_tab_image=True)
             with gr.Accordion("Outpaint (extend the canvas)", open=False):
                 with gr.Row():
                     for side in ("left", "right", "top", "bottom"):

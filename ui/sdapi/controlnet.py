@@ -16,8 +16,6 @@ loaded lazily with `ldm.load_controlnet(path, base=pipe)` and kept per pipeline 
 """
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -28,40 +26,13 @@ from PIL import Image
 import ldm
 from ldm.control_preprocess import preprocess
 
+from ..controlnets import ControlNets, titles, unloaded
+
 API_VERSION = 2  # the extension's /controlnet/version
-MAX_CACHED = 3  # ControlNets kept loaded between requests (each SD 1.5 one is ~0.7-1.4 GB)
-
-
-class ControlNets:
-    """Loaded ControlNets, per pipeline and file (reloaded when the file changes), least recently used first out."""
-
-    def __init__(self, size: int = MAX_CACHED) -> None:
-        self.size = size
-        self.lock = threading.Lock()
-        self.loaded: OrderedDict[tuple, ldm.ControlNet] = OrderedDict()
-
-    def get(self, pipe: Any, entry: Any) -> ldm.ControlNet:
-        stat = entry.path.stat()
-        key = (id(pipe), str(entry.path), stat.st_mtime_ns, entry.size)
-        with self.lock:  # one load at a time: two requests for one model load it once
-            if key in self.loaded:
-                self.loaded.move_to_end(key)
-                return self.loaded[key]
-            net = ldm.load_controlnet(entry.path, base=pipe)
-            self.loaded[key] = net
-            while len(self.loaded) > self.size:
-                self.loaded.popitem(last=False)
-            return net
 
 
 def library_of(ctx: Any, pipe: Any):
     return pipe.library if pipe.library is not None else ctx.pipes.base.library
-
-
-def unloaded(entry: Any) -> ldm.ControlNet:
-    """A models-folder entry as a ControlNet without weights (named as ldm.load_controlnet names it): for its
-    "name [hash]" title, and to validate a unit (weight, start/end, settings, image) before loading anything."""
-    return ldm.ControlNet(None, entry.path.stem if entry.path.is_file() else entry.path.name, entry.path)
 
 
 def preprocessor(module: Any):
@@ -171,8 +142,7 @@ def add_routes(router: APIRouter, ctx: Any, decode: Callable[[Any, str], Image.I
     `checked(make)` runs `make` answering its ValueErrors with 422 (413 for images over the limit)."""
 
     def models() -> list[str]:
-        library = ctx.pipes.base.library
-        return [] if library is None else [unloaded(e).title for e in library.list("controlnets")]
+        return titles(ctx.pipes.base.library)
 
     def detail(pre) -> dict:
         sliders = [{"name": s.label, "value": s.default, "min": s.minimum, "max": s.maximum, "step": s.step}

@@ -99,7 +99,7 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
         return ctx.pipes.base
 
     options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1}
-    controlnets = controlnet.ControlNets()  # loaded on first use, shared by the routes and jobs
+    controlnets = ctx.controlnets  # loaded on first use, shared by the routes, jobs and the page
 
     def submit(plan: Plan, parameters: dict, origin: str):
         try:

@@ -1,0 +1,136 @@
+"""ControlNet in the web UI (ui.control): the handlers' cn{i}_* parameters give the library's pictures pixel for
+pixel and visibly change them, bad units fail with a message naming the unit before any ControlNet is loaded,
+the preview is the preprocessor's map, an infotext's "ControlNet N" entries come back as the accordion's values,
+and the named API endpoints list the units' parameters as optional."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ldm
+import tiny
+from ldm.control_preprocess import preprocess
+from test_controlnet import control_image, random_controlnet
+from ui import control, state, streaming, tasks
+
+VISIBLE = 10  # out of 255: the control must change the picture by more than this
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui-cn-models")
+    random_controlnet(tiny.unet(), 1).save_pretrained(root / "ControlNet" / "tiny-canny", safe_serialization=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipe(base_model, models_dir):
+    return ldm.load(base_model, device="cpu", dtype="float32", models_dir=models_dir)
+
+
+@pytest.fixture
+def ctx(pipe, tmp_path):
+    return state.Context(state.Pipes(pipe), state.Options(outputs=tmp_path / "outputs", preview_every=0))
+
+
+@pytest.fixture
+def shapes(tmp_path):
+    path = tmp_path / "shapes.png"
+    control_image(0, 32, 32).save(path)
+    return path
+
+
+def px(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), np.int16)
+
+
+def unit(**changes) -> dict:
+    values = {"cn0_enabled": True, "cn0_model": "tiny-canny", "cn0_preprocessor": "canny", "cn0_setting_a": 50,
+              "cn0_setting_b": 150, "cn0_weight": 0.8, "cn0_start": 0.0, "cn0_end": 0.9,
+              "cn0_control_mode": "My prompt is more important"}
+    return {**values, **changes}
+
+
+def test_txt2img_unit_equals_the_library_call_and_changes_the_picture(ctx, pipe, shapes):
+    kw = dict(prompt="a cube", steps=3, seed=5, width=32, height=32)
+    out = streaming.run(tasks.txt2img(ctx, **kw, **unit(cn0_image=str(shapes))))
+    plain = streaming.run(tasks.txt2img(ctx, **kw))
+    cn = ldm.load_controlnet("tiny-canny", base=pipe)
+    lib_unit = ldm.ControlUnit.a1111(cn, Image.open(shapes), control_mode="My prompt is more important", weight=0.8,
+                                     end=0.9, preprocessor="canny", settings={"low": 50, "high": 150})
+    lib = pipe.txt2img("a cube", steps=3, seed=5, width=32, height=32, control=[lib_unit])
+    assert np.array_equal(px(out.images[0]), np.asarray(lib.images[0], np.int16))
+    assert np.abs(px(out.images[0]) - px(plain.images[0])).max() > VISIBLE
+    info = out.infotexts[0]
+    assert 'ControlNet 0: "Module: canny, Model: tiny-canny [' in info and "Control Mode: My prompt is more important" in info
+
+
+def test_img2img_unit_without_an_image_uses_the_tabs_image(ctx, pipe, shapes):
+    kw = dict(prompt="a cube", steps=3, seed=2, strength=0.8)
+    out = streaming.run(tasks.img2img(ctx, image=str(shapes), **kw, **unit(cn0_preprocessor="invert")))
+    plain = streaming.run(tasks.img2img(ctx, image=str(shapes), **kw))
+    assert np.abs(px(out.images[0]) - px(plain.images[0])).max() > VISIBLE
+    assert "Module: invert" in out.infotexts[0]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({}, "ControlNet unit 0: no control image: upload one"),
+    ({"cn0_model": None}, "ControlNet unit 0: choose a model"),
+    ({"cn0_model": "nope"}, "ControlNet unit 0: no controlnet called 'nope'"),
+    ({"cn0_weight": 2.5}, "ControlNet unit 0: ControlNet weight must be a number from 0 to 2"),
+    ({"cn0_start": 0.5, "cn0_end": 0.5}, "ControlNet unit 0: ControlNet start (0.5) must be before end (0.5)"),
+    ({"cn0_setting_a": 300}, "Canny low threshold must be from 1 to 255"),
+    ({"cn0_preprocessor": "depth_midas"}, "unknown preprocessor 'depth_midas'"),
+    ({"cn0_control_mode": "Prompt"}, "unknown control mode 'Prompt'"),
+])
+def test_bad_units_fail_before_any_model_work(ctx, shapes, changes, message):
+    values = unit(**changes)
+    if changes:  # every case but the first has an image: the error is about the changed field
+        values["cn0_image"] = str(shapes)
+    with pytest.raises(ValueError) as err:
+        tasks.txt2img(ctx, prompt="x", steps=2, **values)  # raises at the call: nothing queued, nothing run
+    assert message in str(err.value)
+    assert not ctx.controlnets.loaded
+
+
+def test_unknown_unit_parameter_is_refused(ctx):
+    with pytest.raises(ValueError, match="unknown parameter.*cn3_enabled"):
+        tasks.txt2img(ctx, prompt="x", cn3_enabled=True)
+
+
+def test_fast_and_hires_with_controlnet_are_refused_readably(ctx, shapes):
+    with pytest.raises(ValueError, match="fast preset cannot be combined with ControlNet"):
+        streaming.run(tasks.txt2img(ctx, prompt="x", steps=2, fast=True, **unit(cn0_image=str(shapes))))
+
+
+def test_preview_is_the_preprocessors_map_at_the_generation_size(ctx, shapes):
+    got = control.preview(ctx, str(shapes), "canny", 50, 150, "crop", 32, 32)
+    want = preprocess(Image.open(shapes).convert("RGB"), "canny", {"low": 50, "high": 150})
+    assert got.size == (32, 32) and np.array_equal(np.asarray(got), np.asarray(want))
+    assert np.asarray(got).max() == 255  # the shapes have edges
+    big = control.preview(ctx, str(shapes), "none", -1, -1, "just", 64, 48)
+    assert big.size == (64, 48)
+    with pytest.raises(ValueError, match="no control image"):
+        control.preview(ctx, None, "canny")
+
+
+def test_infotext_comes_back_as_the_accordions_values(ctx, shapes):
+    out = streaming.run(tasks.txt2img(ctx, prompt="a cube", steps=2, seed=1, width=32, height=32,
+                                      **unit(cn0_image=str(shapes), cn0_resize="fill")))
+    values = control.infotext_values(out.infotexts[0])
+    title = ctx.controlnets.get(ctx.pipes.base, ctx.pipes.base.library.find("controlnets", "tiny-canny")).title
+    assert values == {"cn0_enabled": True, "cn0_model": title, "cn0_preprocessor": "canny", "cn0_weight": 0.8,
+                      "cn0_start": 0.0, "cn0_end": 0.9, "cn0_control_mode": "My prompt is more important",
+                      "cn0_resize": "fill", "cn0_setting_a": 50.0, "cn0_setting_b": 150.0,
+                      "cn1_enabled": False, "cn2_enabled": False}
+    assert title in control.infotext_values(out.infotexts[0]).values()
+    # A1111's own text (its extension's extra keys are ignored); no ControlNet -> the units go off.
+    a1111 = ('x\nSteps: 20, Seed: 1, ControlNet 1: "Module: scribble_xdog, Model: control_v11p_sd15_scribble '
+             '[d4ba51ff], Weight: 0.5, Resize Mode: Just Resize, Low Vram: False, Processor Res: 512, Threshold A: 20, '
+             'Guidance Start: 0.1, Guidance End: 0.7, Pixel Perfect: True, Control Mode: ControlNet is more important"')
+    got = control.infotext_values(a1111)
+    assert got["cn1_model"] == "control_v11p_sd15_scribble [d4ba51ff]" and got["cn1_setting_a"] == 20.0
+    assert got["cn1_resize"] == "just" and got["cn1_control_mode"] == "ControlNet is more important"
+    assert got["cn0_enabled"] is False and got["cn1_enabled"] is True
+    assert control.infotext_values("") == {}
