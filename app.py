@@ -54,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", choices=ldm.OFFLOAD, default=env("OFFLOAD", "none"),
                    help="GPU only: move idle parts to the CPU to save VRAM")
     p.add_argument("--vae-tiling", action="store_true", default=env_flag("VAE_TILING"), help="decode large images in tiles")
+    p.add_argument("--prediction-type", choices=("auto", *(t.value for t in ldm.PredictionType)),
+                   default=env("PREDICTION_TYPE", "auto"),
+                   help="what --model's U-Net predicts; auto reads the model (an SD 2.x single file is tested as A1111 does)")
     p.add_argument("--auth", default=env("AUTH"), help="user:pass (several: comma-separated)")
     p.add_argument("--auth-file", default=env("AUTH_FILE"), help="file with one user:pass per line")
     p.add_argument("--outputs", default=env("OUTPUTS", "outputs"), help="folder for saved images (default outputs/)")
@@ -128,8 +131,10 @@ def load_model(model: str | None, args: argparse.Namespace):
 def loader(args: argparse.Namespace):
     """model -> pipeline with the app's device, dtype, options and models folder (also what switching uses)."""
     def load(model: str):
+        # --prediction-type is about --model; checkpoints switched to from the models folder decide for themselves
+        prediction = args.prediction_type if model == args.model else None
         return ldm.load(model, device=args.device, dtype=args.dtype, options=model_options(args),
-                        models_dir=args.models_dir)
+                        models_dir=args.models_dir, prediction_type=prediction)
 
     return load
 

@@ -24,18 +24,20 @@ from .loading import load_components
 from .options import ATTENTION, OFFLOAD, Options
 from .params import GenerationParams, Limits
 from .pipeline import Pipeline
+from .prediction import PredictionType
 from .resize import RESAMPLERS, upscale_image
 from .tasks.hires import HIRES_UPSCALERS
 
 __all__ = ["load", "Pipeline", "Result", "Options", "GenerationParams", "Limits", "ModelKind", "ModelLoadError",
            "Cancelled", "OutOfMemory", "DecodeError", "VERSION", "upscale_image", "RESAMPLERS", "HIRES_UPSCALERS",
-           "ATTENTION", "OFFLOAD", "Library", "UnknownModelName",
+           "ATTENTION", "OFFLOAD", "Library", "UnknownModelName", "PredictionType",
            "load_controlnet", "ControlNet", "ControlUnit", "PREPROCESSORS", "CONTROL_MODES", "RESIZE_MODES"]
 
 
 def load(model: str | os.PathLike, *, device=None, dtype=None, options: Options | None = None,
          allow_download: bool = True, allow_pickle: bool = False, config: str | os.PathLike | None = None,
-         models_dir: str | os.PathLike | None = None, vae: str | None = None, **option_fields) -> Pipeline:
+         models_dir: str | os.PathLike | None = None, vae: str | None = None, prediction_type: str | None = None,
+         **option_fields) -> Pipeline:
     """Load a diffusers folder, hub id or single checkpoint file. device=None: cuda if available, else cpu.
 
     dtype=None or "auto": fp16 on cuda; on CPUs with native bf16, bf16 U-Net/text encoder + fp32 VAE (~2x
@@ -47,7 +49,10 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, options: Options 
     allow_pickle=True, and then only tensors are unpickled. See docs/security.md.
     models_dir: an A1111/ComfyUI-style models folder (`ldm.Library`): `model` may then be a checkpoint name
     from it ("name", "sub/name", "name.safetensors [hash]"), and `<lora:name:w>` tags and embeddings in
-    prompts are looked up there; `vae` names a VAE in its VAE/ folder to use instead of the checkpoint's own."""
+    prompts are looked up there; `vae` names a VAE in its VAE/ folder to use instead of the checkpoint's own.
+    prediction_type: "epsilon" or "v_prediction" overrides what the model says; None/"auto" decides from it
+    (an SD 2.x single file is tested as A1111 does: 512 epsilon or 768 v-prediction, see ldm.prediction)."""
+    prediction = PredictionType.parse(prediction_type)
     base = options or Options()
     try:
         opts = dataclasses.replace(base, **option_fields).validate()
@@ -63,7 +68,8 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, options: Options 
                 raise
     dev = resolve_device(device)
     components = load_components(model, device=weights_device(dev, opts.offload), dtype=resolve_dtypes(dtype, dev),
-                                 allow_download=allow_download, allow_pickle=allow_pickle, config=config)
+                                 allow_download=allow_download, allow_pickle=allow_pickle, config=config,
+                                 prediction_type=prediction)
     accel = configure(components, device=dev, attention=opts.attention, compile=opts.compile, offload=opts.offload,
                       channels_last=opts.channels_last)
     pipe = Pipeline(components, opts, accel, library=library)

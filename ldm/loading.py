@@ -15,6 +15,7 @@ from . import single_file
 from .components import (KIND_BY_CHANNELS, Components, ModelKind, ModelLoadError, check_safetensors, read_json, require_complete,
                          require_regular, require_regular_files)
 from .devices import ComponentDtypes, force_upcast_vae
+from .prediction import PredictionType
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,12 @@ def _load_checked(folder: Path, what: str, files: dict, load) -> torch.nn.Module
 
 
 def load_components(model: str | os.PathLike, *, device: torch.device, dtype: torch.dtype | ComponentDtypes,
-                    allow_download: bool = True, allow_pickle: bool = False, config: str | os.PathLike | None = None) -> Components:
+                    allow_download: bool = True, allow_pickle: bool = False, config: str | os.PathLike | None = None,
+                    prediction_type: PredictionType | None = None) -> Components:
+    """`prediction_type` (None = what the model says) replaces the scheduler's; see `ldm.prediction`."""
     if single_file.is_single_file(model):  # one checkpoint file; `config`/`allow_pickle` apply only here
-        return single_file.load_single_file(model, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config)
+        return single_file.load_single_file(model, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config,
+                                            prediction_type=prediction_type)
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -147,6 +151,8 @@ def load_components(model: str | os.PathLike, *, device: torch.device, dtype: to
     with _component_errors(root / "tokenizer", "tokenizer", (Exception,)):  # the tokenizers library raises bare Exception
         toks = {t: CLIPTokenizer.from_pretrained(root / t) for t in tokenizers}
     scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
+    if prediction_type is not None:
+        scheduler_config["prediction_type"] = prediction_type.value
     built = {d: _load_checked(root / d, what, files[d], load) for d, (what, _, load) in models.items()}
     for m in built.values():
         m.to(device).eval().requires_grad_(False)

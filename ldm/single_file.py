@@ -2,8 +2,9 @@
 
 Model sites share Stable Diffusion as one file in the original (CompVis/LDM) key layout:
 `model.diffusion_model.*` (U-Net), `first_stage_model.*` (VAE), `cond_stage_model.*` (text encoder).
-The file holds weights only; the architecture comes from a diffusers config folder: the bundled
-`ldm/configs/sd15` by default, or the caller's `config=` folder. diffusers converts the keys
+The file holds weights only; the architecture comes from a diffusers config folder: the bundled one
+of its family (`BUNDLED_CONFIGS`: SD 1.5, SD 2.x 512 or 768-v, SDXL base or refiner), or the caller's
+`config=` folder. Epsilon or v-prediction: see `ldm.prediction`. diffusers converts the keys
 (`from_single_file` with a local config and `local_files_only=True`, so the hub is never asked).
 
 Safety: the file is read here, by content, before diffusers sees it. safetensors files are checked
@@ -25,6 +26,7 @@ import torch
 from .components import (Components, ModelKind, ModelLoadError, check_safetensors, require_complete, require_regular,
                          require_regular_files)
 from .devices import ComponentDtypes, force_upcast_vae
+from .prediction import PredictionType, predicts_v
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,11 @@ SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 SD15_CONFIG = Path(__file__).resolve().parent / "configs" / "sd15"
 SDXL_CONFIG = Path(__file__).resolve().parent / "configs" / "sdxl"
 SDXL_REFINER_CONFIG = Path(__file__).resolve().parent / "configs" / "sdxl-refiner"
+SD2_CONFIG = Path(__file__).resolve().parent / "configs" / "sd2"  # SD 2.x 512px, epsilon
+SD2_V_CONFIG = Path(__file__).resolve().parent / "configs" / "sd2-v"  # SD 2.x 768px, v-prediction
+# The bundled architecture of each family; "sd2-v" is chosen over "sd2" for v-prediction checkpoints.
+BUNDLED_CONFIGS = {"sd1": SD15_CONFIG, "sd2": SD2_CONFIG, "sd2-v": SD2_V_CONFIG, "sdxl": SDXL_CONFIG,
+                   "sdxl-refiner": SDXL_REFINER_CONFIG}
 # The CLIP tokenizer ships once, as package data; config folders reference it instead of copying it.
 DEFAULT_TOKENIZER = Path(__file__).resolve().parent / "configs" / "clip-tokenizer"
 
@@ -47,8 +54,8 @@ SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."  # SDXL refiner: bigG onl
 CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 V_PRED_MARKER = "v_pred"  # empty tensor some trainers add to mark v-prediction checkpoints
 
-SUPPORTED = ("supported single-file checkpoints: Stable Diffusion 1.x (base or 9-channel inpainting, "
-             "epsilon or marked v-prediction), SDXL base (base or 9-channel inpainting) and SDXL refiner as "
+SUPPORTED = ("supported single-file checkpoints: Stable Diffusion 1.x and 2.x (base or 9-channel inpainting, "
+             "epsilon or v-prediction), SDXL base (base or 9-channel inpainting) and SDXL refiner as "
              ".safetensors, or as a pickle with allow_pickle=True")
 
 
@@ -224,7 +231,7 @@ def _sdxl_family(keys, file: Path) -> str:
                          f"found {', '.join(found)}. {SUPPORTED}")
 
 
-def _config_folder(layout: Layout, config: str | os.PathLike | None, file: Path) -> Path:
+def _config_folder(layout: Layout, config: str | os.PathLike | None, prediction: PredictionType | None) -> Path:
     if config is not None:
         folder = Path(config).expanduser()
         for sub in (folder / d for d in ("unet", "vae", "text_encoder", "scheduler", "tokenizer")):
@@ -237,33 +244,39 @@ def _config_folder(layout: Layout, config: str | os.PathLike | None, file: Path)
         if missing:
             raise ModelLoadError(f"config folder {folder} lacks {', '.join(missing)} (a diffusers model folder layout is expected)")
         return folder
-    if layout.family == "sd2":
-        # SD 2.x comes as 512px epsilon and 768px v-prediction models with identical keys: guessing wrong gives noise.
-        raise ModelLoadError(
-            f"{file} is a Stable Diffusion 2.x checkpoint; its prediction type cannot be read from the weights, so it "
-            f"is not loaded with a guessed config. Use its diffusers folder, or pass config=<a diffusers folder of the "
-            f"same model> ({SUPPORTED})"
-        )
-    return {"sdxl": SDXL_CONFIG, "sdxl-refiner": SDXL_REFINER_CONFIG}.get(layout.family, SD15_CONFIG)
+    if layout.family == "sd2" and prediction is PredictionType.V_PREDICTION:
+        return BUNDLED_CONFIGS["sd2-v"]
+    return BUNDLED_CONFIGS[layout.family]
 
 
-def _tokenizer_folder(config: Path, name: str = "tokenizer") -> Path:
-    folder = config / name if (config / name).is_dir() else DEFAULT_TOKENIZER
+def _tokenizer(config: Path, name: str, open_clip: bool):
+    """The config folder's own tokenizer, else the bundled CLIP tokenizer; OpenCLIP's (SD 2.x, SDXL's second)
+    pads with "!" (id 0) where OpenAI CLIP's pads with its end token."""
+    from transformers import CLIPTokenizer
+
+    own = config / name
+    folder = own if own.is_dir() else DEFAULT_TOKENIZER
     if not (folder / "vocab.json").is_file():
         raise ModelLoadError(f"CLIP tokenizer not found at {folder} (expected vocab.json and merges.txt)")
-    return folder
+    return CLIPTokenizer.from_pretrained(folder, **({"pad_token": "!"} if open_clip and not own.is_dir() else {}))
 
 
 # ---- building the components --------------------------------------------------------------------
 
 
 def load_single_file(file: str | os.PathLike, *, device: torch.device, dtype: torch.dtype | ComponentDtypes,
-                     allow_pickle: bool = False, config: str | os.PathLike | None = None) -> Components:
-    """Components from one checkpoint file; `config` overrides the bundled config folder (SD 1.5 or SDXL)."""
+                     allow_pickle: bool = False, config: str | os.PathLike | None = None,
+                     prediction_type: PredictionType | None = None) -> Components:
+    """Components from one checkpoint file; `config` overrides the bundled config folder, `prediction_type`
+    what the file and config say (None: the marker, the config, or for SD 2.x `predicts_v`)."""
     file = Path(file).expanduser()
     state_dict, complete = _header(file, allow_pickle)
     layout = detect(state_dict, file)
-    folder = _config_folder(layout, config, file)
+    prediction = prediction_type or (PredictionType.V_PREDICTION if layout.v_prediction else None)
+    probe = layout.family == "sd2" and config is None and prediction is None
+    if probe and layout.in_channels == 9:  # SD 2 inpainting is epsilon; A1111 does not test it either
+        prediction, probe = PredictionType.EPSILON, False
+    folder = _config_folder(layout, config, prediction)
     dtypes = dtype if isinstance(dtype, ComponentDtypes) else ComponentDtypes.same(dtype)
     sdxl, refiner = layout.family.startswith("sdxl"), layout.family == "sdxl-refiner"
     if sdxl:
@@ -271,23 +284,25 @@ def load_single_file(file: str | os.PathLike, *, device: torch.device, dtype: to
     if not complete:  # safetensors: now read, each tensor converted to its component's dtype as it comes
         state_dict = read_state_dict(file, dtypes=dtypes)
 
-    from transformers import CLIPTokenizer
-
-    tokenizer = None if refiner else CLIPTokenizer.from_pretrained(_tokenizer_folder(folder))
+    tokenizer = None if refiner else _tokenizer(folder, "tokenizer", open_clip=layout.family == "sd2")
     models = _build_models(state_dict, folder, layout, dtypes, file)
     del state_dict  # the converted copies live in the models now
     text_encoder, unet, vae = models.get("text encoder"), models["U-Net"], models["VAE"]
     extras = {}
-    if sdxl:  # OpenCLIP's tokenizer: CLIP's vocabulary, padded with "!" (id 0)
-        tokenizer_2 = (CLIPTokenizer.from_pretrained(folder / "tokenizer_2") if (folder / "tokenizer_2").is_dir()
-                       else CLIPTokenizer.from_pretrained(DEFAULT_TOKENIZER, pad_token="!"))
-        extras = {"tokenizer_2": tokenizer_2, "text_encoder_2": models["second text encoder"]}
-
-    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    if layout.v_prediction:
-        scheduler_config["prediction_type"] = "v_prediction"
+    if sdxl:
+        extras = {"tokenizer_2": _tokenizer(folder, "tokenizer_2", open_clip=True), "text_encoder_2": models["second text encoder"]}
     for m in models.values():
         m.to(device).eval().requires_grad_(False)
+    if probe:
+        prediction = PredictionType.V_PREDICTION if predicts_v(unet) else PredictionType.EPSILON
+        log.info("%s: A1111's output test says %s", file.name, prediction.value)
+        folder = _config_folder(layout, config, prediction)
+        # the 768-v config differs from the 512 one only in the native size, not in any weight's shape
+        unet.register_to_config(sample_size=json.loads((folder / "unet" / "config.json").read_text())["sample_size"])
+
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    if prediction is not None:
+        scheduler_config["prediction_type"] = prediction.value
     kind = ModelKind.REFINER if refiner else ModelKind.INPAINT if layout.in_channels == 9 else ModelKind.BASE
     log.info("loaded %s (%s, %s, %d-channel U-Net) with configs from %s", file.name, layout.family,
              scheduler_config.get("prediction_type", "epsilon"), layout.in_channels, folder)

@@ -13,6 +13,7 @@ import pytest
 
 import app
 import ldm
+import tiny
 
 
 def flag_choices(flag: str) -> list[str]:
@@ -92,3 +93,12 @@ def test_auth_entries_are_read_and_no_auth_is_no_auth(tmp_path):
     (tmp_path / "users").write_text("# team\nann:pw1\n\nbob:pw:2\n")
     assert app.read_auth("cy:x, dee:y", str(tmp_path / "users")) == [("cy", "x"), ("dee", "y"), ("ann", "pw1"), ("bob", "pw:2")]
     assert app.read_auth(None, None) == []
+
+
+def test_prediction_type_flag_applies_to_the_start_up_model_only(base_model, tmp_path):
+    assert flag_choices("--prediction-type") == ["auto", "epsilon", "v_prediction"]
+    args = cpu_args(base_model, "--prediction-type", "v_prediction")
+    assert app.load_model(str(base_model), args).scheduler_config["prediction_type"] == "v_prediction"
+    other = tiny.save_model(tmp_path / "other")  # e.g. a checkpoint switched to later
+    assert app.loader(args)(str(other)).scheduler_config.get("prediction_type", "epsilon") == "epsilon"
+    assert app.load_model(str(base_model), cpu_args(base_model)).scheduler_config.get("prediction_type", "epsilon") == "epsilon"
