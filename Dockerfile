@@ -3,6 +3,7 @@
 #           -v $PWD/models:/models -v ldm-hf-cache:/cache/huggingface -v $PWD/outputs:/outputs ldm-webui
 #         (add --read-only --tmpfs /tmp to keep the image itself unwritable: the three volumes and /tmp are all it writes)
 # Optional xformers:  docker build --build-arg INSTALL_XFORMERS=1 -t ldm-webui .
+# Optional Ray Serve backend (--backend ray, docs/scale-out.md):  docker build --build-arg WITH_RAY=1 -t ldm-webui .
 # Behind a TLS-intercepting proxy, hand pip its CA bundle for the build only (never stored in a layer):
 #         DOCKER_BUILDKIT=1 docker build --secret id=pip_ca,src=/path/to/ca-bundle.crt -t ldm-webui .
 # CI builds a CPU variant from this same file (.ci/docker_ci.sh): BASE_IMAGE = a local Debian base,
@@ -16,6 +17,7 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ARG TORCH_FIND_LINKS=
 ARG INSTALL_XFORMERS=0
+ARG WITH_RAY=0
 ARG APP_UID=1000
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -32,12 +34,13 @@ RUN apt-get update \
 
 WORKDIR /app
 # Dependencies first, so code changes do not reinstall them.
-COPY requirements.txt .
+COPY requirements.txt requirements-ray.txt ./
 RUN --mount=type=secret,id=pip_ca \
     if [ -f /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
     && pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" ${TORCH_FIND_LINKS:+--find-links "${TORCH_FIND_LINKS}"} \
     && pip install -r requirements.txt \
     && if [ "${INSTALL_XFORMERS}" = "1" ]; then pip install xformers --index-url "${TORCH_INDEX_URL}"; fi \
+    && if [ "${WITH_RAY}" = "1" ]; then pip install -r requirements-ray.txt; fi \
     && pip check
 
 # Non-root user (the base image's "ubuntu" user holds uid 1000: replace it) and the volume folders.

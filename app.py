@@ -9,13 +9,16 @@ LDM_HOST, ...), which is how the Docker image is configured.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
 from pathlib import Path
 
 import ldm
+from scaleout.config import ScaleOut, parse_autoscale
 from ui import state
+from ui.backend import BACKENDS
 from ui.tempfiles import private_temp_dir, start_sweeper
 
 ROOT = Path(__file__).resolve().parent
@@ -75,6 +78,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-auth", default=env("API_AUTH"), help="user:pass for the REST API (default: the --auth users)")
     p.add_argument("--api-job-ttl", type=float, default=float(env("API_JOB_TTL", 3600)),
                    help="seconds a finished API job's results are kept (default 3600)")
+    p.add_argument("--backend", choices=BACKENDS, default=env("BACKEND", "inprocess"),
+                   help="where images are generated: inprocess (default) or ray (Ray Serve replicas; docs/scale-out.md)")
+    p.add_argument("--replicas", type=int, default=env("REPLICAS") and int(env("REPLICAS")),
+                   help="--backend ray: replicas per model kind (default 1; or --autoscale)")
+    p.add_argument("--autoscale", default=env("AUTOSCALE"), help="--backend ray: MIN:MAX replicas, scaled by Serve on load")
+    p.add_argument("--ray-address", default=env("RAY_ADDRESS"),
+                   help="--backend ray: join a cluster (auto, ray://HOST:10001); default: start a local Ray on 127.0.0.1")
+    p.add_argument("--gpus-per-replica", type=float, default=env("GPUS_PER_REPLICA") and float(env("GPUS_PER_REPLICA")),
+                   help="--backend ray: GPUs each replica takes (default 1 if the cluster has GPUs, else 0)")
+    p.add_argument("--cpus-per-replica", type=float, default=env("CPUS_PER_REPLICA") and float(env("CPUS_PER_REPLICA")),
+                   help="--backend ray: CPUs each replica takes (default 1)")
     return p
 
 
@@ -156,6 +170,40 @@ def load_pipelines(args: argparse.Namespace) -> state.Pipes:
     return state.Pipes(load_model(args.model, args), load_model(args.inpaint_model, args), load_model(args.upscale_model, args))
 
 
+def scale_out(args: argparse.Namespace) -> ScaleOut | None:
+    """--backend ray's flags as a checked ScaleOut (None in process); a mistake exits with its message."""
+    given = [f"--{name.replace('_', '-')}" for name in ("replicas", "autoscale", "ray_address", "gpus_per_replica",
+                                                         "cpus_per_replica") if getattr(args, name) is not None]
+    if args.backend != "ray":
+        if given:
+            raise SystemExit(f"error: {', '.join(given)} only apply with --backend ray")
+        return None
+    try:
+        return ScaleOut(replicas=args.replicas, autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
+                        address=args.ray_address, gpus_per_replica=args.gpus_per_replica,
+                        cpus_per_replica=1.0 if args.cpus_per_replica is None else args.cpus_per_replica).validate()
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def start_backend(args: argparse.Namespace, scale: ScaleOut | None, device: str | None, pipes: state.Pipes):
+    """The Ray Serve backend (imported only here: the default install has no Ray), or None in process."""
+    if scale is None:
+        return None
+    try:
+        from scaleout.backend import RayBackend
+        from scaleout.replica import LoadSettings
+    except ImportError as exc:
+        raise SystemExit(f"error: --backend ray needs Ray Serve: pip install -r requirements-ray.txt ({exc})") from None
+    settings = LoadSettings(device=device, dtype=args.dtype, options=model_options(args), models_dir=args.models_dir)
+    print(f"starting Ray Serve replicas ({scale.max_replicas} per model kind) ...", flush=True)
+    backend = RayBackend(scale, settings, {"base": pipes.base, "inpaint": pipes.inpaint, "upscale": pipes.upscale},
+                         max_models=args.max_loaded_models)
+    atexit.register(backend.close)
+    print(backend.describe(), flush=True)
+    return backend
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.max_request_mb < args.max_upload_mb or args.max_files < 1:
@@ -169,7 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     auth = read_auth(args.auth, args.auth_file)
     api_auth = read_auth(args.api_auth, None)
     warn_if_open(args.host, auth, args.share)
+    scale = scale_out(args)  # --backend ray: its flags are checked before any model loads
+    replica_device = args.device
+    if scale is not None:
+        args.device = "cpu"  # the front end's copy only checks requests and draws previews; replicas generate
     pipes = load_pipelines(args)
+    backend = start_backend(args, scale, replica_device, pipes)
 
     # Gradio is imported only now, after GRADIO_TEMP_DIR is set: it reads the variable at import.
     from ui.layout import build
@@ -181,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     options = state.Options(outputs=outputs, max_upload_mb=args.max_upload_mb, queue_size=args.queue_size,
                             cache_max_age=args.cache_max_age, model_loader=loader(args), model_spec=args.model,
                             max_loaded_models=args.max_loaded_models)  # checkpoint switching (ui.models)
+    options.backend = backend  # None: generate in this process (ui.backend)
     demo = build(pipes, options)
     start_sweeper(temp_dir, args.cache_max_age)
     demo.launch(
@@ -191,7 +245,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not args.no_api:
         mount_api(demo, args, api_auth or auth, backoff)
-    demo.block_thread()
+    try:
+        demo.block_thread()
+    finally:
+        if backend is not None:
+            backend.close()
 
 
 def mount_api(demo, args: argparse.Namespace, auth: list[tuple[str, str]], backoff) -> None:

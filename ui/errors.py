@@ -19,10 +19,12 @@ import gradio as gr
 
 import ldm
 
+from .backend import ReplicaDied
+
 log = logging.getLogger(__name__)
 
 # Runtime errors whose ldm message tells the user what to change (smaller size, VAE tiling, ...).
-USER_FACING: tuple[type[Exception], ...] = (ldm.OutOfMemory, ldm.DecodeError)
+USER_FACING: tuple[type[Exception], ...] = (ldm.OutOfMemory, ldm.DecodeError, ReplicaDied)
 
 
 def user_error(exc: Exception) -> gr.Error:

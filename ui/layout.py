@@ -41,7 +41,7 @@ def wire_generation(ctx: Context, tab: Tab, handler: Callable, api_name: str, tr
     (button or tab.go).click(None, None, r.status, js=page.QUEUED_JS, queue=False, api_visibility="private")
     return (trigger or tab.go.click)(
         fn, _inputs(tab.fields, handler), r.outputs, api_name=api_name, concurrency_id=GPU,
-        concurrency_limit=1, show_progress_on=[r.gallery],
+        concurrency_limit=ctx.backend.slots(ctx.pipes.base), show_progress_on=[r.gallery],  # 1, or Ray's replicas
     )
 
 

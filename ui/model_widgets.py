@@ -50,9 +50,10 @@ def wire_model_bar(ctx: Context, bar: ModelBar, concurrency_id: str) -> None:
         checkpoints, current, vaes, vae = models.model_choices(ctx)
         return gr.Dropdown(choices=checkpoints, value=current), gr.Dropdown(choices=vaes, value=vae)
 
+    slots = ctx.backend.slots(ctx.pipes.base)  # the group's limit is its events' smallest: the generations' (ui.layout)
     for dropdown in (bar.checkpoint, bar.vae):
         dropdown.input(readable(switch), [bar.checkpoint, bar.vae], [bar.status, bar.checkpoint, bar.vae],
-                       concurrency_id=concurrency_id, concurrency_limit=1, api_visibility="private",
+                       concurrency_id=concurrency_id, concurrency_limit=slots, api_visibility="private",
                        show_progress_on=[bar.status])
     bar.refresh.click(readable(refresh), None, [bar.checkpoint, bar.vae], queue=False, api_visibility="private")
 
@@ -65,7 +66,7 @@ def wire_model_bar(ctx: Context, bar: ModelBar, concurrency_id: str) -> None:
 
     switch_model.__doc__ = models.switch_model.__doc__
     list_models.__doc__ = "The models folder's checkpoints and VAEs (rescanned) and the ones serving."
-    gr.api(readable(switch_model), api_name="switch_model", concurrency_id=concurrency_id, concurrency_limit=1)
+    gr.api(readable(switch_model), api_name="switch_model", concurrency_id=concurrency_id, concurrency_limit=slots)
     gr.api(readable(list_models), api_name="models", queue=False)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .controlnets import ControlNets
+from .backend import Backend, InProcess
 from .jobs import Jobs
 from .models import Models
 from .saving import Saver
@@ -40,6 +41,7 @@ class Options:
     model_loader: Callable[[str], Any] | None = None
     model_spec: str | None = None
     max_loaded_models: int = 1
+    backend: Backend | None = None  # where generations run (ui.backend); None: in this process
 
     @property
     def max_upload_bytes(self) -> int:
@@ -59,10 +61,11 @@ class Context:
     controlnets: ControlNets = field(default_factory=ControlNets)  # loaded lazily; the UI's and the API's
 
     def __post_init__(self) -> None:
+        self.backend: Backend = self.options.backend or InProcess()
         if self.models is None:
             o = self.options
             self.models = Models(self.pipes.base, loader=o.model_loader, spec=o.model_spec, max_loaded=o.max_loaded_models)
         if self.queues is None:
-            self.queues = Queues(self.options.queue_size)
+            self.queues = Queues(self.options.queue_size, slots=self.backend.slots)
         if self.saver is None:
             self.saver = Saver(self.options.outputs, temp_max_age=self.options.cache_max_age)

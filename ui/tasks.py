@@ -19,6 +19,7 @@ from ldm import metadata, samplers
 from ldm.params import MAX_SEED
 
 from . import choices, control
+from .backend import Call
 from .convert import as_int, load_upload, size_or_none
 from .state import Context
 from .streaming import Output, Step, StepCallback, preview_colours, stream_call
@@ -129,7 +130,7 @@ def txt2img(ctx: Context, prompt: str = "", negative_prompt: str = "", sampler: 
     settings.update(control.keywords(ctx, pipe, controlnet))
 
     def call(seed: int, callback: StepCallback):
-        return pipe.txt2img(prompt, seed=seed, callback=callback, **settings)
+        return ctx.backend.run(pipe, Call("txt2img", (prompt,), {"seed": seed, **settings}), callback)
 
     return generate(ctx, "txt2img", call, prompt=prompt, seed=seed, batch_size=batch_size,
                     batch_count=batch_count, session=session)
@@ -149,7 +150,7 @@ def img2img(ctx: Context, image: Any = None, prompt: str = "", negative_prompt: 
     settings.update(control.keywords(ctx, pipe, controlnet, init_image=picture))
 
     def call(seed: int, callback: StepCallback):
-        return pipe.img2img(picture, prompt, seed=seed, callback=callback, **settings)
+        return ctx.backend.run(pipe, Call("img2img", (picture, prompt), {"seed": seed, **settings}), callback)
 
     return generate(ctx, "img2img", call, prompt=prompt, seed=seed, batch_size=batch_size,
                     batch_count=batch_count, session=session)
@@ -176,7 +177,7 @@ def inpaint(ctx: Context, image: Any = None, mask: Any = None, prompt: str = "",
     settings.update(control.keywords(ctx, pipe, controlnet, init_image=picture))
 
     def call(seed: int, callback: StepCallback):
-        return pipe.inpaint(picture, mask_image, prompt, seed=seed, callback=callback, **settings)
+        return ctx.backend.run(pipe, Call("inpaint", (picture, mask_image, prompt), {"seed": seed, **settings}), callback)
 
     return generate(ctx, "inpaint", call, prompt=prompt, seed=seed, batch_size=batch_size,
                     batch_count=batch_count, session=session, pipe=pipe)
@@ -198,7 +199,7 @@ def outpaint(ctx: Context, image: Any = None, prompt: str = "", negative_prompt:
     settings.update(control.keywords(ctx, pipe, controlnet, init_image=picture))
 
     def call(seed: int, callback: StepCallback):
-        return pipe.outpaint(picture, prompt, seed=seed, callback=callback, **settings)
+        return ctx.backend.run(pipe, Call("outpaint", (picture, prompt), {"seed": seed, **settings}), callback)
 
     return generate(ctx, "outpaint", call, prompt=prompt, seed=seed, batch_size=batch_size,
                     batch_count=batch_count, session=session, pipe=pipe)
@@ -227,13 +228,13 @@ def upscale(ctx: Context, image: Any = None, method: str = "lanczos", scale: flo
                         tile_overlap=as_int("tile_overlap", tile_overlap))
 
         def call(seed: int, callback: StepCallback):
-            return pipe.upscale(picture, prompt, seed=seed, callback=callback, **settings)
+            return ctx.backend.run(pipe, Call("upscale", (picture, prompt), {"seed": seed, **settings}), callback)
     else:
         pipe = ctx.pipes.base
         settings.update(scale=float(scale), strength=float(strength), upscaler=upscaler)
 
         def call(seed: int, callback: StepCallback):
-            return pipe.hires_fix(picture, prompt, seed=seed, callback=callback, **settings)
+            return ctx.backend.run(pipe, Call("hires_fix", (picture, prompt), {"seed": seed, **settings}), callback)
 
     return generate(ctx, "upscale", call, prompt=prompt, seed=seed, batch_size=1, batch_count=1, session=session,
                     pipe=pipe)

@@ -10,6 +10,9 @@ batch), whoever started it.
     if queues.wait(turn):                            # False: cancelled while waiting
         ... run, calling turn.update(step, total, batch, batch_count, preview) ...
     queues.leave(turn)
+
+A queue runs `slots()` turns at once: 1 for a model in this process, one per replica when the
+backend is Ray Serve (ui.backend), so the waiting line and its size limit cover the whole service.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,13 +79,24 @@ class Turn:
 
 
 class ModelQueue:
-    """The turns waiting for, and the one running on, one model (FIFO)."""
+    """The turns waiting for, and the ones running on, one model (FIFO; `slots()` run at once)."""
 
-    def __init__(self, max_waiting: int) -> None:
+    def __init__(self, max_waiting: int, slots: Callable[[], int] = lambda: 1) -> None:
         self.max_waiting = max_waiting
+        self.slots = slots
         self._cond = threading.Condition()
         self._waiting: deque[Turn] = deque()
-        self.running: Turn | None = None
+        self._running: list[Turn] = []
+
+    @property
+    def running(self) -> Turn | None:
+        """The longest-running turn (None: none runs)."""
+        with self._cond:
+            return self._running[0] if self._running else None
+
+    def runners(self) -> list[Turn]:
+        with self._cond:
+            return list(self._running)
 
     def join(self, turn: Turn, *, limit: bool = True) -> Turn:
         with self._cond:
@@ -94,21 +109,21 @@ class ModelQueue:
     def wait(self, turn: Turn) -> bool:
         """Block until `turn` runs (True) or is cancelled while waiting (False, and it leaves the queue)."""
         with self._cond:
-            while self.running is not None or self._waiting[0] is not turn:
+            while len(self._running) >= max(1, self.slots()) or self._waiting[0] is not turn:
                 if turn.cancel.is_set():
                     self._waiting.remove(turn)
                     self._cond.notify_all()
                     return False
                 self._cond.wait(0.25)
             self._waiting.popleft()
-            self.running = turn
+            self._running.append(turn)
             turn.started_at = time.monotonic()
             return True
 
     def leave(self, turn: Turn) -> None:
         with self._cond:
-            if self.running is turn:
-                self.running = None
+            if turn in self._running:
+                self._running.remove(turn)
             elif turn in self._waiting:
                 self._waiting.remove(turn)
             self._cond.notify_all()
@@ -120,16 +135,18 @@ class ModelQueue:
     def position(self, turn: Turn) -> int | None:
         """0 = running, n = n-th in line, None = not in this queue."""
         with self._cond:
-            if self.running is turn:
+            if turn in self._running:
                 return 0
             return next((i + 1 for i, t in enumerate(self._waiting) if t is turn), None)
 
 
 class Queues:
-    """A `ModelQueue` per loaded pipeline (by identity), created on first use."""
+    """A `ModelQueue` per loaded pipeline (by identity), created on first use; `slots(pipe)`: how many
+    of its turns run at once (the backend's, ui.backend)."""
 
-    def __init__(self, max_waiting: int = 16) -> None:
+    def __init__(self, max_waiting: int = 16, slots: Callable[[Any], int] = lambda pipe: 1) -> None:
         self.max_waiting = max_waiting
+        self.slots = slots
         self._lock = threading.Lock()
         self._queues: dict[int, tuple[Any, ModelQueue]] = {}
 
@@ -137,7 +154,7 @@ class Queues:
         with self._lock:
             entry = self._queues.get(id(pipe))
             if entry is None or entry[0] is not pipe:
-                entry = self._queues[id(pipe)] = (pipe, ModelQueue(self.max_waiting))
+                entry = self._queues[id(pipe)] = (pipe, ModelQueue(self.max_waiting, lambda: self.slots(pipe)))
             return entry[1]
 
     def all(self) -> list[ModelQueue]:
@@ -172,11 +189,11 @@ class Queues:
             self.of(pipe).leave(turn)
 
     def running(self) -> list[Turn]:
-        return [q.running for q in self.all() if q.running is not None]
+        return [t for q in self.all() for t in q.runners()]
 
     def job_count(self) -> int:
         """Running plus waiting turns over all models."""
-        return sum((q.running is not None) + len(q.waiting()) for q in self.all())
+        return sum(len(q.runners()) + len(q.waiting()) for q in self.all())
 
     def interrupt(self) -> int:
         """Stop every running turn (whoever started it); returns how many."""

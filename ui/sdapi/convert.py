@@ -25,6 +25,7 @@ from ldm.images import load_image
 from ldm.masks import MaskedContent
 from ldm.params import MAX_SEED, GenerationParams
 
+from ..backend import Call
 from ..state import Context
 from ..streaming import StepCallback
 from . import controlnet
@@ -201,7 +202,7 @@ def plan_txt2img(ctx: Context, req: Txt2ImgRequest, defaults: dict[str, Any], *,
     prompt = params.prompt
 
     def call(seed: int, callback: StepCallback):
-        return pipe.txt2img(prompt, seed=seed, callback=callback, **settings)
+        return ctx.backend.run(pipe, Call("txt2img", (prompt,), {"seed": seed, **settings}), callback)
 
     return Plan("txt2img", pipe, call, prompt, params.seed, params.batch_size, req.n_iter,
                 req.save_images if save is None else save, req.send_images, params, notes)
@@ -230,7 +231,7 @@ def plan_img2img(ctx: Context, req: Img2ImgRequest, defaults: dict[str, Any], *,
     prompt = params.prompt
     if mask is None:
         def call(seed: int, callback: StepCallback):
-            return pipe.img2img(image, prompt, seed=seed, callback=callback, **settings)
+            return ctx.backend.run(pipe, Call("img2img", (image, prompt), {"seed": seed, **settings}), callback)
         task = "img2img"
     else:
         blur = req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x or 0, req.mask_blur_y or 0)
@@ -239,7 +240,7 @@ def plan_img2img(ctx: Context, req: Img2ImgRequest, defaults: dict[str, Any], *,
                         invert_mask=bool(req.inpainting_mask_invert))
 
         def call(seed: int, callback: StepCallback):
-            return pipe.inpaint(image, mask, prompt, seed=seed, callback=callback, **settings)
+            return ctx.backend.run(pipe, Call("inpaint", (image, mask, prompt), {"seed": seed, **settings}), callback)
         task = "inpaint"
     return Plan(task, pipe, call, prompt, params.seed, params.batch_size, req.n_iter,
                 req.save_images if save is None else save, req.send_images, params, notes)

@@ -16,6 +16,7 @@ from typing import Any
 
 import ldm
 
+from ..backend import ReplicaDied
 from ..state import Context
 from ..streaming import Step, stream_call
 from ..turns import Turn
@@ -23,7 +24,7 @@ from .convert import Plan, encode_png, info
 
 log = logging.getLogger(__name__)
 STATES = ("queued", "running", "done", "failed", "cancelled")
-USER_FACING = (ldm.OutOfMemory, ldm.DecodeError)  # runtime errors whose message says what to change
+USER_FACING = (ldm.OutOfMemory, ldm.DecodeError, ReplicaDied)  # runtime errors whose message says what to change
 
 
 @dataclass(eq=False)

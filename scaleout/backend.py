@@ -1,0 +1,164 @@
+"""`RayBackend`: the front end's side of `--backend ray`.
+
+Start-up: start a local Ray instance (bounded: the replicas' CPUs, no dashboard, node on 127.0.0.1) or
+join a cluster (`address`), start Serve without its HTTP proxy (the Gradio front end is the only
+entry), and run one Serve application per model kind that has a model (base, inpaint, upscale), each a
+`scaleout.replica.Generator` deployment with `max_ongoing_requests=1`. `serve.run` returns when every
+replica has loaded its model.
+
+A run: the Call goes to the kind's deployment as a streaming request with the model's multiplexed id;
+each `Progress` is handed to the step callback (progress, previews); when it says stop, the stream is
+cancelled, which makes the replica's run stop at its next step, and ldm.Cancelled is raised here.
+A replica that dies mid-request (killed, out of memory) fails that request with `ReplicaDied` (no
+retry: a retry could run minutes of work twice and hide a replica that keeps dying); Serve starts a
+replacement, and the other requests run on the remaining replicas meanwhile.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+from ray.exceptions import RayActorError, RayError, RayTaskError
+
+import ldm
+from ldm.denoise import StepCallback
+from ui.backend import Backend, Call, ReplicaDied
+
+from .config import LOCAL_OBJECT_STORE_BYTES, ScaleOut
+from .replica import Done, Failed, Generator, LoadSettings, Progress, Started, model_id
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+APP_PREFIX = "ldm-"
+
+
+class RayBackend(Backend):
+    name = "ray"
+
+    def __init__(self, config: ScaleOut, settings: LoadSettings, pipes: dict[str, Any], max_models: int = 1):
+        """pipes: model kind ("base", "inpaint", "upscale") -> the front end's pipeline of that kind."""
+        self.config = config.validate()
+        self.started_ray = False
+        self.apps: list[str] = []
+        self.handles: dict[str, Any] = {}
+        self.lock = threading.Lock()
+        self.serving: dict[int, Started] = {}  # request number -> the replica process running it
+        self.numbers = iter(range(1, 1 << 62))
+        self.start_ray()
+        try:
+            gpus = self.gpus()
+            options = config.serve_options(gpus)
+            for kind, pipe in pipes.items():
+                if pipe is None:
+                    continue
+                deployment = serve.deployment(Generator, name=kind).options(**options)
+                app = APP_PREFIX + kind
+                self.handles[kind] = serve.run(deployment.bind(model_id(pipe), settings, max_models), name=app,
+                                               route_prefix=None)
+                self.apps.append(app)
+                log.info("Ray Serve: %s deployment up (%s)", kind, self.describe())
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- Ray and Serve -----------------------------------------------------------------------
+
+    def start_ray(self) -> None:
+        env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}}
+        if self.config.address is None:
+            ray.init(num_cpus=self.config.local_cpus(), include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                     _node_ip_address="127.0.0.1", namespace="ldm", runtime_env=env, log_to_driver=False,
+                     configure_logging=False)
+            self.started_ray = True
+        else:
+            ray.init(address=self.config.address, namespace="ldm", runtime_env=env, log_to_driver=False)
+        serve.start(proxy_location="Disabled")
+
+    def gpus(self) -> float:
+        if self.config.gpus_per_replica is not None:
+            return self.config.gpus_per_replica
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+    def describe(self) -> str:
+        c = self.config
+        count = f"autoscaled {c.autoscale[0]}-{c.autoscale[1]}" if c.autoscale else f"{c.max_replicas}"
+        where = f"cluster {c.address}" if c.address else "local Ray on 127.0.0.1"
+        return f"Ray Serve, {count} replica(s) per model kind, {where}"
+
+    def replica_states(self) -> dict[str, dict[str, int]]:
+        """Model kind -> {replica state: count}, as Serve reports it (RUNNING, STARTING, ...)."""
+        status = serve.status()
+        out = {}
+        for app in self.apps:
+            for name, dep in status.applications[app].deployments.items():
+                out[name] = {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}
+        return out
+
+    def in_flight(self) -> list[Started]:
+        """The replica processes running requests now (pid, host)."""
+        with self.lock:
+            return list(self.serving.values())
+
+    def close(self) -> None:
+        """Delete our Serve applications; stop Serve and Ray too if this process started them."""
+        if not ray.is_initialized():
+            return
+        try:
+            if self.started_ray:
+                serve.shutdown()
+            else:
+                for app in self.apps:
+                    serve.delete(app)
+        except Exception:  # noqa: BLE001 - shutting down anyway
+            log.warning("Ray Serve did not shut down cleanly", exc_info=True)
+        finally:
+            ray.shutdown()
+
+    # ---- Backend -------------------------------------------------------------------------------
+
+    def slots(self, pipe: Any) -> int:
+        return self.config.max_replicas
+
+    def run(self, pipe: Any, call: Call, callback: StepCallback) -> ldm.Result:
+        call.validate()
+        if call.kwargs.get("control"):
+            raise ValueError("ControlNet units are not available with --backend ray yet (run without --backend ray)")
+        kind = pipe.components.kind.value
+        handle = self.handles.get(kind)
+        if handle is None:
+            raise ValueError(f"no Ray deployment serves {kind} models (started with: {', '.join(self.handles)})")
+        number = next(self.numbers)
+        stream = handle.options(stream=True, multiplexed_model_id=model_id(pipe)).run.remote(call)
+        try:
+            for message in stream:
+                if isinstance(message, Started):
+                    with self.lock:
+                        self.serving[number] = message
+                elif isinstance(message, Progress):
+                    if callback(message.step, message.total, message.latents):
+                        stream.cancel()  # the replica's run stops at its next step
+                        raise ldm.Cancelled("stopped")
+                elif isinstance(message, Done):
+                    return message.result
+                elif isinstance(message, Failed):
+                    raise message.error
+            raise ReplicaDied("the generation worker ended the request without a result; try again")
+        except RayActorError as exc:
+            where = self.serving.get(number)
+            who = f" (pid {where.pid} on {where.host})" if where else ""
+            log.warning("Ray replica died mid-request%s: %s", who, exc)
+            raise ReplicaDied(f"the generation worker{who} died mid-request (killed or out of memory); Ray is "
+                              "replacing it — run the request again") from None
+        except RayTaskError as exc:
+            raise exc.as_instanceof_cause() from None
+        except RayError as exc:
+            raise ReplicaDied(f"the Ray backend failed this request ({type(exc).__name__}): {exc}"[:500]) from None
+        finally:
+            with self.lock:
+                self.serving.pop(number, None)
+

@@ -1,0 +1,76 @@
+"""The Ray backend's flags as one validated object (no Ray import: app.py checks flags before starting)."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+# ray.init's smallest object store is 75 MiB; results are a few PNG-sized images, previews a few KB.
+LOCAL_OBJECT_STORE_BYTES = 128 * 1024 * 1024
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """"MIN:MAX" -> (MIN, MAX), e.g. "1:4"."""
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text or "")
+    if not m:
+        raise ValueError(f"--autoscale takes MIN:MAX replicas, e.g. 1:4; got {text!r}")
+    return int(m[1]), int(m[2])
+
+
+@dataclass(frozen=True)
+class ScaleOut:
+    """How many replicas per model kind, where Ray runs, and what each replica takes.
+
+    replicas: a fixed count; autoscale: (min, max) for Serve's autoscaler (exclusive with replicas;
+    neither: 1 replica). address: None starts a local Ray instance on 127.0.0.1; "auto" or
+    "ray://host:10001" (or a GCS "host:6379") joins a running cluster. gpus_per_replica: None = 1 when
+    the cluster has GPUs, else 0 (the replica then takes CPUs only)."""
+
+    replicas: int | None = None
+    autoscale: tuple[int, int] | None = None
+    address: str | None = None
+    gpus_per_replica: float | None = None
+    cpus_per_replica: float = 1.0
+
+    def validate(self) -> "ScaleOut":
+        if self.replicas is not None and self.autoscale is not None:
+            raise ValueError("--replicas and --autoscale exclude each other: give a fixed count (--replicas N) "
+                             "or a range for the autoscaler (--autoscale MIN:MAX)")
+        if self.replicas is not None and self.replicas < 1:
+            raise ValueError(f"--replicas must be at least 1, got {self.replicas}")
+        if self.autoscale is not None:
+            low, high = self.autoscale
+            if not 0 <= low <= high or high < 1:
+                raise ValueError(f"--autoscale MIN:MAX needs 0 <= MIN <= MAX and MAX >= 1, got {low}:{high}")
+        if not (math.isfinite(self.cpus_per_replica) and self.cpus_per_replica > 0):
+            raise ValueError(f"--cpus-per-replica must be a positive number, got {self.cpus_per_replica}")
+        if self.gpus_per_replica is not None and not (math.isfinite(self.gpus_per_replica) and self.gpus_per_replica >= 0):
+            raise ValueError(f"--gpus-per-replica must be 0 or more, got {self.gpus_per_replica}")
+        if self.address is not None and not (
+                self.address == "auto" or self.address.startswith("ray://") or re.fullmatch(r"[\w.\-]+:\d+", self.address)):
+            raise ValueError(f"--ray-address must be auto, ray://HOST:PORT (Ray Client, usually 10001) or HOST:PORT "
+                             f"(the head's GCS, usually 6379); got {self.address!r}")
+        return self
+
+    @property
+    def max_replicas(self) -> int:
+        """Replicas per deployment at most: how many requests per model the front end lets run at once."""
+        if self.autoscale is not None:
+            return self.autoscale[1]
+        return self.replicas or 1
+
+    def local_cpus(self) -> int:
+        """Logical CPUs for a local Ray instance: every replica of one deployment at its largest."""
+        return max(1, math.ceil(self.max_replicas * self.cpus_per_replica))
+
+    def serve_options(self, gpus: float) -> dict:
+        """The Serve deployment options: placement, one request at a time, fixed or autoscaled count."""
+        out: dict = {"max_ongoing_requests": 1,
+                     "ray_actor_options": {"num_cpus": self.cpus_per_replica, "num_gpus": gpus}}
+        if self.autoscale is not None:
+            low, high = self.autoscale
+            out["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "initial_replicas": max(low, 1),
+                                         "target_ongoing_requests": 1}
+        else:
+            out["num_replicas"] = self.replicas or 1
+        return out
