@@ -166,12 +166,29 @@ class EmbeddingTable:
     def __bool__(self) -> bool:
         return bool(self.by_first_token)
 
+    def named(self, name: str) -> Embedding:
+        return next(e for options in self.by_first_token.values() for _, e in options if e.name == name)
+
+    def only(self, names: set[str], skipped: list[str]) -> "EmbeddingTable":
+        kept = {first: [(ids, e) for ids, e in options if e.name in names] for first, options in self.by_first_token.items()}
+        return EmbeddingTable({k: v for k, v in kept.items() if v}, self.names & names, skipped)
+
     def find_at(self, ids: list[int], position: int) -> tuple[Embedding, int] | None:
         """(embedding, number of prompt tokens its name spans) if one starts at `position`, else None."""
         for name_ids, emb in self.by_first_token.get(ids[position], ()):
             if tuple(ids[position : position + len(name_ids)]) == name_ids:
                 return emb, len(name_ids)
         return None
+
+
+def joint(tables: list[EmbeddingTable]) -> list[EmbeddingTable]:
+    """Text encoders that read one chunking (SDXL's two) keep only the embeddings all of them can use: an
+    SDXL file needs both its clip_l and clip_g parts, as in A1111; why the others were left out is shared."""
+    if len(tables) < 2:
+        return tables
+    common = set.intersection(*(t.names for t in tables))
+    skipped = list(dict.fromkeys(s for t in tables for s in t.skipped))
+    return [t.only(common, skipped) for t in tables]
 
 
 @contextmanager

@@ -66,5 +66,5 @@ def family_for(components: Components, embeddings=None) -> ModelFamily:
     """The family of loaded components: SDXL when the U-Net takes SDXL's added "text_time"
     conditioning, else SD 1.x/2.x."""
     if is_sdxl(components):
-        return SDXLFamily(components)
+        return SDXLFamily(components, embeddings)
     return SDFamily(components, embeddings)

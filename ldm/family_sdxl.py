@@ -15,7 +15,9 @@ the feature):
 * an empty negative prompt gives all-zero embeddings and pooled vector (diffusers'
   `force_zeros_for_empty_prompt` with `negative_prompt=None`);
 * size conditioning: original = target = (height, width), crop (0, 0); a refiner U-Net (5 time ids)
-  gets an aesthetic score instead of the target size (6.0 for the prompt, 2.5 for the negative).
+  gets an aesthetic score instead of the target size (6.0 for the prompt, 2.5 for the negative);
+* a textual-inversion embedding's `clip_l` vectors go into CLIP-L and its `clip_g` vectors into bigG, at
+  the same token places (files without both parts are skipped for a base model, as in A1111).
 
 The pooled vectors and time ids reach the U-Net through `AddedConditioning`, a loop extension whose
 `unet_kwargs` passes `added_cond_kwargs` in the loop's [uncond, cond] row order.
@@ -27,6 +29,7 @@ import torch
 from .components import Components, ModelLoadError
 from .conditioning import Conditioning
 from .denoise import Extension, StepInfo
+from .embeddings import EmbeddingTable, injected, joint
 from .guidance import uses_cfg
 from .latents import vae_scale_factor
 from .params import GenerationParams
@@ -72,13 +75,20 @@ class SDXLFamily:
 
     name = "sdxl"
 
-    def __init__(self, components: Components):
+    def __init__(self, components: Components, embeddings=None):
+        # embeddings: ldm.embeddings.EmbeddingFiles (a models folder's textual inversions), or None
         if components.text_encoder_2 is None or components.tokenizer_2 is None:
             raise ModelLoadError(f"{components.name}: an SDXL U-Net needs text_encoder_2 and tokenizer_2 (OpenCLIP "
                                  "bigG), which were not loaded")
-        self.encoder_2 = SDXLPromptEncoder(components.tokenizer_2, components.text_encoder_2)
+
+        def encoder(tokenizer, text_encoder, part: str) -> SDXLPromptEncoder:
+            width = text_encoder.get_input_embeddings().embedding_dim
+            return SDXLPromptEncoder(tokenizer, text_encoder,
+                                     embeddings.for_encoder(tokenizer, width, part) if embeddings else None)
+
+        self.encoder_2 = encoder(components.tokenizer_2, components.text_encoder_2, "clip_g")
         self.encoder_1 = (None if components.text_encoder is None
-                          else SDXLPromptEncoder(components.tokenizer, components.text_encoder))
+                          else encoder(components.tokenizer, components.text_encoder, "clip_l"))
         self.encoders = [e for e in (self.encoder_1, self.encoder_2) if e is not None]
         self.prompts = self.encoders[0]
         self.unet = components.unet
@@ -87,23 +97,35 @@ class SDXLFamily:
         self.time_ids_count = _time_ids_count(components)
         self.is_refiner = self.encoder_1 is None
 
+    def tables(self) -> list[EmbeddingTable] | None:
+        """Each encoder's embeddings for one prompt (a snapshot of the folder), or None without a models folder."""
+        return joint([e.embeddings.table() for e in self.encoders]) if self.prompts.embeddings else None
+
+    def chunks(self, text: str, tables: list[EmbeddingTable] | None) -> list[Chunk]:
+        """One chunking for both encoders (one BPE vocabulary)."""
+        if not tables:
+            return chunk_prompt(text, self.prompts.tokenizer)
+        return chunk_prompt(tables[0].explicit(text), self.prompts.tokenizer, tables[0])
+
     def token_count(self, text: str) -> int:
-        return self.prompts.token_count(text)
+        return sum(len(c.ids) for c in self.chunks(text, self.tables()))
 
     def encode(self, p: GenerationParams) -> Conditioning:
         guided = uses_cfg(p.guidance_scale)
-        chunks = chunk_prompt(p.prompt, self.prompts.tokenizer)
-        negative = chunk_prompt(p.negative_prompt, self.prompts.tokenizer) if guided else []
+        tables = self.tables()
+        chunks = self.chunks(p.prompt, tables)
+        negative = self.chunks(p.negative_prompt, tables) if guided and p.negative_prompt else []
+        used = [e for c in chunks + negative for _, e in c.fixes]
         n = max(len(chunks), len(negative))
         # The shorter side is padded with empty chunks so both have the same sequence length.
         chunks += [Chunk() for _ in range(n - len(chunks))]
-        cond, pooled = self.encode_chunks(chunks, p.clip_skip)
+        cond, pooled = self.encode_chunks(chunks, p.clip_skip, tables)
         uncond = uncond_pooled = None
         if guided and p.negative_prompt == "":
             uncond, uncond_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
         elif guided:
             negative += [Chunk() for _ in range(n - len(negative))]
-            uncond, uncond_pooled = self.encode_chunks(negative, p.clip_skip)
+            uncond, uncond_pooled = self.encode_chunks(negative, p.clip_skip, tables)
         b = p.batch_size
         dtype = self.unet.dtype
         time_ids = self.time_ids(p.height, p.width, AESTHETIC_SCORE)
@@ -111,13 +133,18 @@ class SDXLFamily:
             pooled.to(dtype).repeat(b, 1), time_ids.repeat(b, 1),
             None if uncond is None else uncond_pooled.to(dtype).repeat(b, 1),
             None if uncond is None else self.time_ids(p.height, p.width, NEGATIVE_AESTHETIC_SCORE).repeat(b, 1))
-        return Conditioning(cond.repeat(b, 1, 1), None if uncond is None else uncond.repeat(b, 1, 1), (added,))
+        info = (self.prompts.embeddings.hashes(used),) if used else ()  # infotext "TI hashes"
+        return Conditioning(cond.repeat(b, 1, 1), None if uncond is None else uncond.repeat(b, 1, 1), (added, *info))
 
-    def encode_chunks(self, chunks: list[Chunk], clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """([1, 77 * chunks, dim_1 + dim_2] embeddings, [1, proj] pooled vector of the first chunk)."""
+    def encode_chunks(self, chunks: list[Chunk], clip_skip: int,
+                      tables: list[EmbeddingTable] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """([1, 77 * chunks, dim_1 + dim_2] embeddings, [1, proj] pooled vector of the first chunk); `tables`: the
+        encoders' embeddings the chunks' places were made for (each encoder writes its own part's vectors)."""
         parts, pooled = [], None
-        for enc in self.encoders:
-            z, pooled_rows = enc.hidden_and_pooled(enc.token_ids(chunks), clip_skip)
+        for i, enc in enumerate(self.encoders):
+            rows = [[(1 + o, tables[i].named(e.name).vectors) for o, e in c.fixes] for c in chunks] if tables else []
+            with injected(enc.text_encoder, rows):  # 1: BOS
+                z, pooled_rows = enc.hidden_and_pooled(enc.token_ids(chunks), clip_skip)
             if enc is self.encoder_2:
                 pooled = pooled_rows[:1]
             parts.append(enc.weighted(z, chunks).to(self.encoder_2.text_encoder.dtype))
