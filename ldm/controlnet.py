@@ -21,7 +21,6 @@ its preprocessor (ldm.control_preprocess), and given to the ControlNet in [0, 1]
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,6 +37,7 @@ from .components import ModelLoadError, check_safetensors, read_json, require_co
 from .controlnet_file import check_family, load_controlnet_file
 from .extensions.control import ControlResiduals
 from .extensions.fast import FastPreset
+from .library import legacy_hash
 
 RESIZE_MODES = {"just": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}  # name -> A1111 label
 CONTROL_MODES = {  # A1111's "Control mode" -> ControlUnit settings
@@ -62,19 +62,9 @@ class ControlNet:
 
     @cached_property
     def short_hash(self) -> str:
-        """The hash A1111's ControlNet extension shows ("name [hash]"): the first 8 hex digits of the SHA-256
-        of the 64 KiB at offset 1 MiB of the weights file (its "old" model hash)."""
-        if self.path is None:
-            return ""
-        file = self.path
-        if file.is_dir():
-            found = sorted(file.glob("*.safetensors"))
-            if not found:
-                return ""
-            file = found[0]
-        with open(file, "rb") as fh:
-            fh.seek(0x100000)
-            return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+        """The hash A1111's ControlNet extension shows ("name [hash]"), as the models folder lists it:
+        its old 8-hex model hash (`ldm.library.legacy_hash`)."""
+        return "" if self.path is None else legacy_hash(self.path)
 
     @property
     def title(self) -> str:

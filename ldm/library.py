@@ -16,6 +16,8 @@ Hashes follow A1111: checkpoints and VAEs "Model hash"/"VAE hash" = the first 10
 SHA-256; LoRAs = the first 12 of the kohya "addnet" hash (SHA-256 of the tensor data after the header);
 embeddings = the first 12 of the file's SHA-256. They are computed only when asked for and cached in
 `<models dir>/ldm-hashes.json` (keyed by path, size and modification time), so listing never hashes.
+ControlNets are the exception, as in A1111's ControlNet extension ("name [hash]" in its model list and
+infotext): A1111's old 8-hex model hash (`legacy_hash`), which reads only 64 KiB and is not cached.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ FOLDERS = {
 }
 KINDS = tuple(FOLDERS)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-SHORT_HASH = {"checkpoints": 10, "vaes": 10, "controlnets": 10, "upscalers": 10, "loras": 12, "embeddings": 12}
+SHORT_HASH = {"checkpoints": 10, "vaes": 10, "controlnets": 8, "upscalers": 10, "loras": 12, "embeddings": 12}
 CACHE_FILE = "ldm-hashes.json"
 _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")  # A1111's "name.safetensors [abcdef0123]"
 
@@ -179,11 +181,16 @@ class Library:
         return value
 
     def short_hash(self, entry: Entry) -> str:
-        """A1111's short hash: 10 hex digits for checkpoints and VAEs, 12 for LoRAs and embeddings."""
+        """A1111's short hash: 10 hex digits for checkpoints and VAEs, 12 for LoRAs and embeddings, the old
+        8-hex model hash for ControlNets (`legacy_hash`)."""
+        if entry.kind == "controlnets":
+            return legacy_hash(entry.path)
         return self.sha256(entry)[: SHORT_HASH[entry.kind]]
 
     def cached_short_hash(self, entry: Entry) -> str | None:
-        """The short hash if it is already known, else None: never reads the file (for listings)."""
+        """The short hash if it is already known, else None: never reads the whole file (for listings)."""
+        if entry.kind == "controlnets":
+            return legacy_hash(entry.path)
         _, key, _, stamp = self._stamp(entry)
         with self._lock:
             cached = self._cache().get(key)
@@ -223,6 +230,21 @@ class Library:
             os.replace(tmp, self.root / CACHE_FILE)
         except OSError as exc:  # a read-only models folder still works, just without the cache
             log.warning("could not write the hash cache %s: %s", self.root / CACHE_FILE, exc)
+
+
+def legacy_hash(path: Path) -> str:
+    """A1111's old model hash, which its ControlNet extension shows ("name [hash]"): the first 8 hex digits of
+    the SHA-256 of the 64 KiB at offset 1 MiB of the weights file (a folder: its first .safetensors file);
+    "" for a folder without one."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.safetensors"))
+        if not found:
+            return ""
+        path = found[0]
+    with open(path, "rb") as fh:
+        fh.seek(0x100000)
+        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
 
 
 def _check_kind(kind: str) -> None:

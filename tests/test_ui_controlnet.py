@@ -134,3 +134,23 @@ def test_infotext_comes_back_as_the_accordions_values(ctx, shapes):
     assert got["cn1_resize"] == "just" and got["cn1_control_mode"] == "ControlNet is more important"
     assert got["cn0_enabled"] is False and got["cn1_enabled"] is True
     assert control.infotext_values("") == {}
+
+
+def test_one_controlnet_hash_everywhere_as_a1111s_extension(ctx, pipe, shapes):
+    """A1111's ControlNet extension titles models "name [old 8-hex model hash]" in its list and its infotext;
+    the models folder's listing, the accordion's choices and our infotext say the same."""
+    import hashlib
+
+    from ui.controlnets import titles
+
+    library = pipe.library
+    entry = library.find("controlnets", "tiny-canny")
+    weights = sorted(entry.path.glob("*.safetensors"))[0].read_bytes()
+    assert len(weights) > 0x110000  # the hashed window lies inside the file
+    old = hashlib.sha256(weights[0x100000:0x110000]).hexdigest()[:8]
+    assert library.short_hash(entry) == library.cached_short_hash(entry) == old
+    assert library.listing()["controlnets"][0]["hash"] == old
+    assert titles(library) == [f"tiny-canny [{old}]"]
+    out = streaming.run(tasks.txt2img(ctx, prompt="x", steps=2, seed=1, width=32, height=32,
+                                      **unit(cn0_image=str(shapes), cn0_model=f"tiny-canny [{old}]")))
+    assert f"Model: tiny-canny [{old}]," in out.infotexts[0]
