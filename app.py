@@ -64,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-file", default=env("AUTH_FILE"), help="file with one user:pass per line")
     p.add_argument("--outputs", default=env("OUTPUTS", "outputs"), help="folder for saved images (default outputs/)")
     p.add_argument("--no-save", action="store_true", default=env_flag("NO_SAVE"), help="do not save images")
+    p.add_argument("--save-format", default=env("SAVE_FORMAT", "png"), choices=["png", "jpeg", "webp"],
+                   help="file format of saved images; JPEG/WebP carry the parameters in EXIF, as A1111 (default png)")
     p.add_argument("--max-size", type=int, default=int(env("MAX_SIZE", 2048)), help="largest width/height in pixels")
     p.add_argument("--max-upload-mb", type=float, default=float(env("MAX_UPLOAD_MB", 20)), help="largest upload")
     p.add_argument("--max-request-mb", type=float, default=float(env("MAX_REQUEST_MB", 64)),
@@ -231,9 +233,11 @@ def main(argv: list[str] | None = None) -> None:
 
     backoff = LoginBackoff()  # one count of failed logins per client, for the page's login and the API's Basic auth
     outputs = None if args.no_save else Path(args.outputs).resolve()
+    per_user = len({user for user, _ in auth}) > 1  # several users: each sees only their own images
     options = state.Options(outputs=outputs, max_upload_mb=args.max_upload_mb, queue_size=args.queue_size,
                             cache_max_age=args.cache_max_age, model_loader=loader(args), model_spec=args.model,
-                            max_loaded_models=args.max_loaded_models)  # checkpoint switching (ui.models)
+                            max_loaded_models=args.max_loaded_models,  # checkpoint switching (ui.models)
+                            per_user_outputs=per_user, save_format=args.save_format)
     options.backend = backend  # None: generate in this process (ui.backend)
     demo = build(pipes, options)
     start_sweeper(temp_dir, args.cache_max_age)
@@ -241,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
         server_name=args.host, server_port=args.port, share=args.share, footer_links=["api", "settings"],
         prevent_thread_lock=True,  # the REST API's routes are added to the running app, then we block
         **launch_kwargs(auth=auth, max_upload_mb=args.max_upload_mb, outputs=outputs, auth_file=args.auth_file,
-                        max_request_mb=args.max_request_mb, max_files=args.max_files, login_backoff=backoff),
+                        max_request_mb=args.max_request_mb, max_files=args.max_files, login_backoff=backoff,
+                        per_user=per_user),
     )
     if not args.no_api:
         mount_api(demo, args, api_auth or auth, backoff)

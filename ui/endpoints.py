@@ -44,7 +44,7 @@ def endpoint(ctx: Context, handler: Callable) -> Callable:
         started = last = time.monotonic()
         yield Results.status_only("Running…")  # never "idle" while a job starts
         try:
-            for item in handler(ctx, **dict(zip(names, values)), session=session):
+            for item in handler(ctx, **dict(zip(names, values)), session=session, user=user_of(request)):
                 now = time.monotonic()
                 if isinstance(item, Step):
                     progress((item.step, item.total), desc=_step_label(item))
@@ -82,6 +82,11 @@ def plain(ctx: Context, handler: Callable) -> Callable:
     wrapped.__signature__ = inspect.Signature(api_params(handler))
     wrapped.__name__ = handler.__name__
     return wrapped
+
+
+def user_of(request: gr.Request | None) -> str | None:
+    """The logged-in user of a request (None without auth)."""
+    return getattr(request, "username", None) if request is not None else None
 
 
 def _step_label(step: Step) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import gradio as gr
 
-from . import control, convert, editor, page, tasks
+from . import control, convert, editor, history, page, tasks
 from .endpoints import api_params, endpoint, int_params, plain
 from .errors import explain, readable
 from .gradio_compat import attach_context, blocks, check_image_headers, describe_api, readable_errors
@@ -70,10 +70,10 @@ def wire_stop(ctx: Context, tab: Tab, events: list) -> None:
     tab.stop.click(readable(stop_runs), None, [r.status, r.preview], cancels=events, queue=False, api_visibility="private")
 
 
-def wire_send_to(tabs: dict[str, Tab], tabs_block: gr.Tabs) -> None:
-    """Gallery -> another tab: the selected image plus its prompt and sampler settings."""
-    for tab in tabs.values():
-        r = tab.results
+def wire_send_to(tabs: dict[str, Tab], tabs_block: gr.Tabs, extra: tuple = ()) -> None:
+    """Gallery -> another tab: the selected image plus its prompt and sampler settings. `extra`: more
+    galleries with the same named parts as a `Results` (the History tab's)."""
+    for r in [*(tab.results for tab in tabs.values()), *extra]:
         for target, button in (("img2img", r.send_img2img), ("inpaint", r.send_inpaint), ("upscale", r.send_upscale)):
             dest = tabs[target].fields
             keys = [k for k in SENT_FIELDS if k in dest]
@@ -139,6 +139,8 @@ def build(pipes: Pipes, options: Options | None = None, models: Models | None = 
                 up = upscale_tab(ctx)
             with gr.Tab("PNG info", id="png_info"):
                 info = png_info_tab(ctx)
+            with gr.Tab("History", id="history") as history_tab:
+                past = history.history_panel()
         tabs = {"txt2img": t2i, "img2img": i2i, "inpaint": inp, "upscale": up}
 
         for name, handler in (("txt2img", tasks.txt2img), ("img2img", tasks.img2img), ("upscale", tasks.upscale)):
@@ -147,7 +149,8 @@ def build(pipes: Pipes, options: Options | None = None, models: Models | None = 
         _wire_inpaint(ctx, inp)
         for tab in tabs.values():
             wire_results(ctx, tab)
-        wire_send_to(tabs, tabs_block)
+        wire_send_to(tabs, tabs_block, (past,))
+        history.wire_history(history.History(ctx.saver), past, history_tab)
         _wire_png_info(ctx, info, t2i, tabs_block)
         wire_model_bar(ctx, bar, GPU)
         wire_networks(ctx, t2i_networks, t2i.fields["prompt"])

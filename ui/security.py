@@ -20,11 +20,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from starlette.middleware import Middleware
 
 from . import gradio_compat
 from .limits import DEFAULT_MAX_FILES, DEFAULT_MAX_REQUEST_MB, MIB, LoginBackoff, LoginThrottle, RequestLimits, answer
+from .saving import user_dir
 
 # What an unauthenticated browser needs to show the login form and log in: the page itself, the
 # login POST, and static files (the Svelte bundle, fonts, theme, icons). None of these carries the
@@ -64,10 +66,14 @@ class AccessGate:
 
     Runs inside Gradio's own CORS/compression middleware and before any route. With auth off it only
     adds the response headers; the app behind it is `scope["app"]` (Gradio's FastAPI `App`).
+    `per_user_outputs`: the outputs folder when each user has a folder in it (ui.saving): a file
+    there is served only to its user (the folder is an allowed path, so Gradio alone would serve
+    any user's file to anyone logged in who names its path).
     """
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, per_user_outputs: Path | None = None) -> None:
         self.app = app
+        self.per_user_outputs = Path(per_user_outputs).resolve() if per_user_outputs else None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -80,6 +86,8 @@ class AccessGate:
             return await self._refuse(scope, send)
         if scope["type"] == "websocket":
             return await self.app(scope, receive, send)
+        if self.per_user_outputs is not None and path.startswith(FILE_ROUTES) and not self._owns(gradio_app, scope, path):
+            return await answer(send, 404, "File not found")
         if (path == "/" and gradio_app is not None and gradio_compat.auth_enabled(gradio_app)
                 and gradio_compat.session_user(gradio_app, scope) is None):
             # The login page must not carry the API description (see ui.gradio_compat.strip_api_info).
@@ -93,6 +101,18 @@ class AccessGate:
             await send(message)
 
         await self.app(scope, receive, send_hardened)
+
+    def _owns(self, gradio_app, scope, path: str) -> bool:
+        """False for a file in someone else's outputs folder (or in the outputs root) than the session's user."""
+        prefix = next(p for p in FILE_ROUTES if path.startswith(p))
+        try:
+            target = Path(unquote(path[len(prefix):])).resolve()
+        except (OSError, ValueError):
+            return False
+        if not target.is_relative_to(self.per_user_outputs):
+            return True  # Gradio's own rules apply
+        user = gradio_compat.session_user(gradio_app, scope) if gradio_app is not None else None
+        return user is not None and target.is_relative_to(self.per_user_outputs / user_dir(user))
 
     @staticmethod
     async def _refuse(scope, send) -> None:
@@ -158,10 +178,12 @@ def blocked_paths(auth_file: str | None = None, extra: Iterable[str | Path] = ()
 
 def launch_kwargs(*, auth: Sequence[tuple[str, str]] | None, max_upload_mb: float, outputs: Path | None,
                   auth_file: str | None = None, max_request_mb: float = DEFAULT_MAX_REQUEST_MB,
-                  max_files: int = DEFAULT_MAX_FILES, login_backoff: LoginBackoff | None = None) -> dict[str, Any]:
-    """The security-relevant arguments for `gr.Blocks.launch` (app.py adds host, port, share)."""
+                  max_files: int = DEFAULT_MAX_FILES, login_backoff: LoginBackoff | None = None,
+                  per_user: bool = False) -> dict[str, Any]:
+    """The security-relevant arguments for `gr.Blocks.launch` (app.py adds host, port, share).
+    `per_user`: outputs are saved per user (several --auth users; ui.state.Options.per_user_outputs)."""
     middleware = [
-        Middleware(AccessGate),
+        Middleware(AccessGate, per_user_outputs=outputs if per_user and outputs else None),
         # Bodies are limited for every route (Gradio limits only each uploaded file) ...
         Middleware(RequestLimits, max_bytes=int(max_request_mb * MIB), max_files=max_files),
         # ... and failed logins slow the next attempt from the same address.

@@ -42,6 +42,9 @@ class Options:
     model_spec: str | None = None
     max_loaded_models: int = 1
     backend: Backend | None = None  # where generations run (ui.backend); None: in this process
+    # Several --auth users: each user's images in outputs/<user>/, and only theirs in their history.
+    per_user_outputs: bool = False
+    save_format: str = "png"  # png, jpeg or webp (ui.saving.SAVE_FORMATS); JPEG/WebP carry infotext in EXIF
 
     @property
     def max_upload_bytes(self) -> int:
@@ -68,4 +71,6 @@ class Context:
         if self.queues is None:
             self.queues = Queues(self.options.queue_size, slots=self.backend.slots)
         if self.saver is None:
-            self.saver = Saver(self.options.outputs, temp_max_age=self.options.cache_max_age)
+            o = self.options
+            self.saver = Saver(o.outputs, temp_max_age=o.cache_max_age, per_user=o.per_user_outputs,
+                               save_format=o.save_format)

@@ -55,10 +55,12 @@ def first_seed(seed: Any, images: int) -> int:
 
 
 def generate(ctx: Context, task: str, call: Callable[[int, StepCallback], Any], *, prompt: str, seed: Any,
-             batch_size: Any, batch_count: Any, session: str, pipe: Any = None) -> Iterator[Step | Output]:
+             batch_size: Any, batch_count: Any, session: str, pipe: Any = None,
+             user: str | None = None) -> Iterator[Step | Output]:
     """Run `call(seed, callback)` `batch_count` times with consecutive seeds, save every image,
     yield progress, then one Output. Stop keeps the batches that finished. The run waits for its
-    turn on the model's queue (`pipe`, default the base model), shared with the REST API."""
+    turn on the model's queue (`pipe`, default the base model), shared with the REST API. `user`: the
+    logged-in user (with per-user outputs their folder gets the images, ui.saving)."""
     batch_size = as_int("batch_size", batch_size)
     batch_count = as_int("batch_count", batch_count)
     if not 1 <= batch_count <= MAX_BATCH_COUNT:
@@ -86,7 +88,7 @@ def generate(ctx: Context, task: str, call: Callable[[int, StepCallback], Any], 
                             turn.update(item.step, item.total, k, batch_count, item.preview)
                         yield item
                     else:
-                        _collect(ctx, out, item, task, prompt)
+                        _collect(ctx, out, item, task, prompt, user)
                         if k + 1 < batch_count:  # on screen at once: a Stop (which closes this) keeps them
                             yield Output(list(out.images), list(out.infotexts), list(out.seeds),
                                          list(out.warnings), partial=True)
@@ -99,9 +101,9 @@ def generate(ctx: Context, task: str, call: Callable[[int, StepCallback], Any], 
     yield out
 
 
-def _collect(ctx: Context, out: Output, result, task: str, prompt: str) -> None:
+def _collect(ctx: Context, out: Output, result, task: str, prompt: str, user: str | None) -> None:
     for image, seed, info in zip(result.images, result.seeds, result.infotexts):
-        saved, warning = ctx.saver.save(image, info, seed=seed, prompt=prompt, task=task)
+        saved, warning = ctx.saver.save(image, info, seed=seed, prompt=prompt, task=task, user=user)
         out.images.append(saved)
         out.infotexts.append(info)
         out.seeds.append(seed)
@@ -117,7 +119,8 @@ def txt2img(ctx: Context, prompt: str = "", negative_prompt: str = "", sampler: 
             schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20, guidance_scale: float = 7.0,
             width: int | None = None, height: int | None = None, seed: int = -1, batch_size: int = 1,
             batch_count: int = 1, clip_skip: int = 1, hires_scale: float = 1.0, hires_strength: float = 0.5,
-            fast: bool = False, *, session: str = "", **controlnet) -> Iterator[Step | Output]:
+            fast: bool = False, *, session: str = "", user: str | None = None,
+            **controlnet) -> Iterator[Step | Output]:
     pipe = ctx.pipes.base
     settings = sampling(steps, guidance_scale, sampler, schedule, clip_skip)
     settings.update(width=None if width is None else as_int("width", width),  # 0 is refused by ldm
@@ -133,14 +136,14 @@ def txt2img(ctx: Context, prompt: str = "", negative_prompt: str = "", sampler: 
         return ctx.backend.run(pipe, Call("txt2img", (prompt,), {"seed": seed, **settings}), callback)
 
     return generate(ctx, "txt2img", call, prompt=prompt, seed=seed, batch_size=batch_size,
-                    batch_count=batch_count, session=session)
+                    batch_count=batch_count, session=session, user=user)
 
 
 @control.takes_units
 def img2img(ctx: Context, image: Any = None, prompt: str = "", negative_prompt: str = "", strength: float = 0.75,
             sampler: str = samplers.DEFAULT_SAMPLER, schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20,
             guidance_scale: float = 7.0, width: int | None = 0, height: int | None = 0, seed: int = -1,
-            batch_size: int = 1, batch_count: int = 1, clip_skip: int = 1, *, session: str = "",
+            batch_size: int = 1, batch_count: int = 1, clip_skip: int = 1, *, session: str = "", user: str | None = None,
             **controlnet) -> Iterator[Step | Output]:
     pipe = ctx.pipes.base
     picture = load_upload(ctx, image)
@@ -153,7 +156,7 @@ def img2img(ctx: Context, image: Any = None, prompt: str = "", negative_prompt: 
         return ctx.backend.run(pipe, Call("img2img", (picture, prompt), {"seed": seed, **settings}), callback)
 
     return generate(ctx, "img2img", call, prompt=prompt, seed=seed, batch_size=batch_size,
-                    batch_count=batch_count, session=session)
+                    batch_count=batch_count, session=session, user=user)
 
 
 @control.takes_units
@@ -162,7 +165,8 @@ def inpaint(ctx: Context, image: Any = None, mask: Any = None, prompt: str = "",
             masked_content: str = "original", invert_mask: bool = False, sampler: str = samplers.DEFAULT_SAMPLER,
             schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20, guidance_scale: float = 7.0,
             width: int | None = 0, height: int | None = 0, seed: int = -1, batch_size: int = 1,
-            batch_count: int = 1, clip_skip: int = 1, *, session: str = "", **controlnet) -> Iterator[Step | Output]:
+            batch_count: int = 1, clip_skip: int = 1, *, session: str = "", user: str | None = None,
+            **controlnet) -> Iterator[Step | Output]:
     """mask: white = repaint; an alpha channel that varies counts with transparent = repaint."""
     pipe = ctx.pipes.inpaint or ctx.pipes.base
     picture = load_upload(ctx, image)
@@ -180,7 +184,7 @@ def inpaint(ctx: Context, image: Any = None, mask: Any = None, prompt: str = "",
         return ctx.backend.run(pipe, Call("inpaint", (picture, mask_image, prompt), {"seed": seed, **settings}), callback)
 
     return generate(ctx, "inpaint", call, prompt=prompt, seed=seed, batch_size=batch_size,
-                    batch_count=batch_count, session=session, pipe=pipe)
+                    batch_count=batch_count, session=session, pipe=pipe, user=user)
 
 
 @control.takes_units
@@ -188,7 +192,7 @@ def outpaint(ctx: Context, image: Any = None, prompt: str = "", negative_prompt:
              right: int = 0, top: int = 0, bottom: int = 0, strength: float = 1.0, mask_blur: int = 4,
              masked_content: str = "fill", sampler: str = samplers.DEFAULT_SAMPLER,
              schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20, guidance_scale: float = 7.0, seed: int = -1,
-             batch_size: int = 1, batch_count: int = 1, clip_skip: int = 1, *, session: str = "",
+             batch_size: int = 1, batch_count: int = 1, clip_skip: int = 1, *, session: str = "", user: str | None = None,
              **controlnet) -> Iterator[Step | Output]:
     pipe = ctx.pipes.inpaint or ctx.pipes.base
     picture = load_upload(ctx, image)
@@ -202,18 +206,18 @@ def outpaint(ctx: Context, image: Any = None, prompt: str = "", negative_prompt:
         return ctx.backend.run(pipe, Call("outpaint", (picture, prompt), {"seed": seed, **settings}), callback)
 
     return generate(ctx, "outpaint", call, prompt=prompt, seed=seed, batch_size=batch_size,
-                    batch_count=batch_count, session=session, pipe=pipe)
+                    batch_count=batch_count, session=session, pipe=pipe, user=user)
 
 
 def upscale(ctx: Context, image: Any = None, method: str = "lanczos", scale: float = 2.0, prompt: str = "",
             negative_prompt: str = "", tile_size: int = 0, tile_overlap: int = 32, noise_level: int = 20,
             strength: float = 0.5, upscaler: str = "lanczos", sampler: str = samplers.DEFAULT_SAMPLER,
             schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20, guidance_scale: float = 7.0, seed: int = -1,
-            *, session: str = "") -> Iterator[Step | Output]:
+            *, session: str = "", user: str | None = None) -> Iterator[Step | Output]:
     """method: "x4 model" (a loaded x4 upscaler), "hires fix" (redraw with the base model), or a resize."""
     picture = load_upload(ctx, image)
     if method in choices.RESIZE_METHODS:
-        return _resize(ctx, picture, image, method, scale)
+        return _resize(ctx, picture, image, method, scale, user)
     if method not in (choices.UPSCALE_X4, choices.UPSCALE_HIRES):
         raise ValueError(f"unknown upscale method {method!r}; choose one of: {', '.join(choices.UPSCALE_METHODS)}")
     settings = sampling(steps, guidance_scale, sampler, schedule)
@@ -237,10 +241,11 @@ def upscale(ctx: Context, image: Any = None, method: str = "lanczos", scale: flo
             return ctx.backend.run(pipe, Call("hires_fix", (picture, prompt), {"seed": seed, **settings}), callback)
 
     return generate(ctx, "upscale", call, prompt=prompt, seed=seed, batch_size=1, batch_count=1, session=session,
-                    pipe=pipe)
+                    pipe=pipe, user=user)
 
 
-def _resize(ctx: Context, picture: Image.Image, source: Any, method: str, scale: float) -> Iterator[Output]:
+def _resize(ctx: Context, picture: Image.Image, source: Any, method: str, scale: float,
+            user: str | None) -> Iterator[Output]:
     scale = float(scale)
     if not 0 < scale <= 8:
         raise ValueError(f"scale must be in (0, 8], got {scale}")
@@ -249,7 +254,7 @@ def _resize(ctx: Context, picture: Image.Image, source: Any, method: str, scale:
     info = metadata.with_size(_infotext_of(ctx, source) or "", *image.size)
     post = metadata.postprocessing(scale, method.title())
     saved, warning = ctx.saver.save(image, info, seed=None, prompt=f"{method}-x{scale:g}", task="upscale",
-                                    extra={"postprocessing": post})
+                                    extra={"postprocessing": post}, user=user)
     yield Output([saved], [info], [], [warning] if warning else [])
 
 

@@ -58,6 +58,7 @@ class Plan:
     send_images: bool
     params: GenerationParams  # the validated first-pass settings, for `info`
     notes: list[str] = field(default_factory=list)
+    user: str | None = None  # the HTTP Basic user: with per-user outputs, whose folder gets the images
 
 
 # ---- images ------------------------------------------------------------------------------------

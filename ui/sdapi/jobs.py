@@ -117,7 +117,8 @@ class Jobs:
         plan = job.plan
         for image, seed, text in zip(result.images, result.seeds, result.infotexts):
             if plan.save:
-                _, warning = self.ctx.saver.save(image, text, seed=seed, prompt=plan.prompt, task=plan.task)
+                _, warning = self.ctx.saver.save(image, text, seed=seed, prompt=plan.prompt, task=plan.task,
+                                                 user=plan.user)
                 if warning and warning not in plan.notes:
                     plan.notes.append(warning)
             job.images.append(encode_png(image, text))

@@ -71,12 +71,18 @@ def basic_auth(users: Sequence[tuple[str, str]], backoff: LoginBackoff) -> Calla
                 ok |= secrets.compare_digest(u, user) & secrets.compare_digest(p, password)
             if ok:
                 backoff.succeeded(client)
+                request.state.user = credentials.username  # whose outputs folder (ui.saving per-user outputs)
                 return
             backoff.failed(client)  # a request without credentials is a question, not a guess
         raise HTTPException(401, "Not authenticated: use HTTP Basic with the API's user and password",
                             headers={"WWW-Authenticate": 'Basic realm="ldm API"'})
 
     return check
+
+
+def api_user(request: Request) -> str | None:
+    """The HTTP Basic user `basic_auth` let in (None when the API has no users)."""
+    return getattr(request.state, "user", None)
 
 
 def planned(make: Callable[[], Plan]) -> Plan:
@@ -116,15 +122,17 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
     # ---- generation ------------------------------------------------------------------------
 
     @router.post(f"{PREFIX}/txt2img", response_model=GenerationResponse, tags=["sdapi"])
-    def txt2img(req: Txt2ImgRequest) -> dict:
+    def txt2img(req: Txt2ImgRequest, request: Request) -> dict:
         serving()  # 503 while a checkpoint switch loads the next model
         plan = planned(lambda: convert.plan_txt2img(ctx, req, options, controlnets=controlnets))
+        plan.user = api_user(request)
         return run_now(plan, convert.parameters(req))
 
     @router.post(f"{PREFIX}/img2img", response_model=GenerationResponse, tags=["sdapi"])
-    def img2img(req: Img2ImgRequest) -> dict:
+    def img2img(req: Img2ImgRequest, request: Request) -> dict:
         serving()
         plan = planned(lambda: convert.plan_img2img(ctx, req, options, controlnets=controlnets))
+        plan.user = api_user(request)
         return run_now(plan, convert.parameters(req))
 
     @router.post(f"{PREFIX}/png-info", response_model=PngInfoResponse, tags=["sdapi"])
@@ -295,7 +303,7 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
     # ---- jobs ------------------------------------------------------------------------------
 
     @router.post(JOBS, status_code=202, response_model=JobCreated, tags=["jobs"])
-    def create_job(req: JobRequest) -> dict:
+    def create_job(req: JobRequest, request: Request) -> dict:
         """The body of /sdapi/v1/txt2img or /img2img plus "task"; images are saved as the UI saves them
         unless "save_images" is false. Answers at once with the job's id."""
         if req.task not in TASKS:
@@ -309,6 +317,7 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
         make = convert.plan_txt2img if req.task == "txt2img" else convert.plan_img2img
         serving()
         plan = planned(lambda: make(ctx, model, options, save=save, controlnets=controlnets))
+        plan.user = api_user(request)
         job = submit(plan, convert.parameters(model), "job")
         jobs.start(job)
         return {"id": job.id}
