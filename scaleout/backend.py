@@ -10,8 +10,9 @@ A run: the Call goes to the kind's deployment as a streaming request with the mo
 each `Progress` is handed to the step callback (progress, previews); when it says stop, the stream is
 cancelled, which makes the replica's run stop at its next step, and ldm.Cancelled is raised here.
 A replica that dies mid-request (killed, out of memory) fails that request with `ReplicaDied` (no
-retry: a retry could run minutes of work twice and hide a replica that keeps dying); Serve starts a
-replacement, and the other requests run on the remaining replicas meanwhile.
+retry: a retry could run minutes of work twice and hide a replica that keeps dying); a request whose
+replica died before it started there is sent once more. Serve starts a replacement, and the other
+requests run on the remaining replicas meanwhile.
 """
 from __future__ import annotations
 
@@ -132,6 +133,15 @@ class RayBackend(Backend):
         handle = self.handles.get(kind)
         if handle is None:
             raise ValueError(f"no Ray deployment serves {kind} models (started with: {', '.join(self.handles)})")
+        try:
+            return self.stream(handle, pipe, call, callback)
+        except ReplicaDied as exc:
+            if exc.started:
+                raise
+            log.warning("Ray replica died before the request started on it; sending it again")
+            return self.stream(handle, pipe, call, callback)
+
+    def stream(self, handle: Any, pipe: Any, call: Call, callback: StepCallback) -> ldm.Result:
         number = next(self.numbers)
         stream = handle.options(stream=True, multiplexed_model_id=model_id(pipe)).run.remote(call)
         try:
@@ -147,17 +157,18 @@ class RayBackend(Backend):
                     return message.result
                 elif isinstance(message, Failed):
                     raise message.error
-            raise ReplicaDied("the generation worker ended the request without a result; try again")
+            raise ReplicaDied("the generation worker ended the request without a result; try again", started=True)
         except RayActorError as exc:
-            where = self.serving.get(number)
+            with self.lock:
+                where = self.serving.get(number)
             who = f" (pid {where.pid} on {where.host})" if where else ""
             log.warning("Ray replica died mid-request%s: %s", who, exc)
             raise ReplicaDied(f"the generation worker{who} died mid-request (killed or out of memory); Ray is "
-                              "replacing it — run the request again") from None
+                              "replacing it — run the request again", started=where is not None) from None
         except RayTaskError as exc:
             raise exc.as_instanceof_cause() from None
         except RayError as exc:
-            raise ReplicaDied(f"the Ray backend failed this request ({type(exc).__name__}): {exc}"[:500]) from None
+            raise ReplicaDied(f"the Ray backend failed this request ({type(exc).__name__}): {exc}"[:500], started=True) from None
         finally:
             with self.lock:
                 self.serving.pop(number, None)

@@ -34,7 +34,12 @@ TASKS: dict[str, Callable[..., ldm.Result]] = {
 
 
 class ReplicaDied(RuntimeError):
-    """The worker running a request went away mid-request (killed, out of memory, node lost)."""
+    """The worker running a request went away (killed, out of memory, node lost). `started`: it had
+    begun the request (so resending it would repeat work)."""
+
+    def __init__(self, message: str, *, started: bool = True):
+        super().__init__(message)
+        self.started = started
 
 
 @dataclass(frozen=True)
