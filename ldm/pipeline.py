@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from .controlnet import with_control
 from .denoise import StepCallback
 from .engine import Model, Result
 from .extensions import FastPreset
@@ -46,7 +47,8 @@ class Pipeline(Model):
                 refiner_switch_at: float = 0.8, **settings) -> Result:
         """Generate images from text. Settings are `GenerationParams` fields (width, steps, sampler, ...).
         hires_scale > 1: A1111's hires fix, a second pass at that scale (see `ldm.tasks.hires`).
-        control: `ldm.ControlUnit`s (ControlNet; see `ldm.controlnet`).
+        control: `ldm.ControlUnit`s (ControlNet; see `ldm.controlnet`); with the hires fix they guide both passes,
+        the second with each unit's image fitted to the hires size (as A1111's extension, "Both").
         refiner: an SDXL refiner pipeline that runs the steps after `refiner_switch_at` (see `ldm.extensions.refiner`)."""
         second = None
         extensions = _fast(fast)
@@ -55,8 +57,6 @@ class Pipeline(Model):
                 raise ValueError("the refiner with the hires fix or ControlNet is not supported yet")
             check_refiner(self, refiner, refiner_switch_at)
             extensions += (RefinerSwitch(refiner, generate.txt2img_params(self, prompt, settings), refiner_switch_at),)
-        if hires_scale is not None and control:
-            raise ValueError("the hires fix with ControlNet is not supported yet; generate, then hires_fix the result")
         if hires_scale is not None:  # validated now, before the first pass
             first = generate.txt2img_params(self, prompt, settings)
             second = hires.plan(self, first, scale=hires_scale, upscaler=hires_upscaler, strength=hires_strength,
@@ -64,7 +64,9 @@ class Pipeline(Model):
         result = generate.txt2img(self, prompt, callback=callback, extensions=extensions, control=control, **settings)
         if second is None or second.scale == 1:
             return result
-        return second.run(self, result, callback, _fast(fast))
+        # The units again for the second pass: control maps at the hires size, the first pass's seed (shuffle).
+        _, extensions = with_control(self, replace(second.params, seed=result.seeds[0]), control, _fast(fast))
+        return second.run(self, result, callback, extensions)
 
     def img2img(self, image, prompt: str = "", *, strength: float = 0.75, callback: StepCallback | None = None,
                 fast: bool = False, control=(), **settings) -> Result:

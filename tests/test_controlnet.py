@@ -182,6 +182,26 @@ def test_inpaint_matches_diffusers(base_model, base_pipe, inpaint_model, cn_fold
 # ---- the cost of a unit, control modes ---------------------------------------------------------------
 
 
+def test_hires_fix_with_control_guides_the_second_pass_at_the_hires_size(base_pipe, cns):
+    """As A1111's extension ("Both"): the first pass is txt2img with the units; the second is exactly img2img of
+    the Lanczos-enlarged first picture with the same units, their images fitted to the hires size."""
+    unit = ldm.ControlUnit(cns[0], control_image(4, 48, 60), weight=0.9, end=0.8, preprocessor="invert")
+    kw = dict(width=W, height=H, steps=4, seed=6, sampler="DDIM")
+    ours = base_pipe.txt2img("a house", control=[unit], hires_scale=2, hires_upscaler="lanczos", hires_strength=0.6,
+                             **kw)
+    first = base_pipe.txt2img("a house", control=[unit], **kw)
+    big = first.images[0].resize((2 * W, 2 * H), Image.LANCZOS)
+    ref = base_pipe.img2img(big, "a house", strength=0.6, steps=4, seed=6, sampler="DDIM", control=[unit])
+    unguided = base_pipe.img2img(big, "a house", strength=0.6, steps=4, seed=6, sampler="DDIM")
+    assert ours.images[0].size == (2 * W, 2 * H)
+    assert max_diff(ours.images, ref.images) == 0
+    assert max_diff(ref.images, unguided.images) > VISIBLE  # the control steers the second pass too
+    info = parse_infotext(ours.infotexts[0])
+    assert info["ControlNet 0"] == unit.validate().infotext() and info["Hires upscale"] == "2"
+    latent = base_pipe.txt2img("a house", control=[unit], hires_scale=1.5, **kw)  # the default (latent) upscaler
+    assert latent.images[0].size == (48, 56) and "ControlNet 0" in latent.infotexts[0]
+
+
 def count_calls(module) -> tuple[list, object]:
     calls = []
     return calls, module.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0] if i else None))
@@ -319,14 +339,14 @@ def test_sdxl_controlnet_names_the_families():
         check_family(sdxl, unet, "controlnet-canny-sdxl")
 
 
-def test_fast_preset_and_hires_fix_are_refused_with_control(base_pipe, cns):
+def test_fast_preset_is_refused_with_control(base_pipe, cns):
     unit = ldm.ControlUnit(cns[0], control_image())
     calls, hook = count_calls(base_pipe.unet)
     try:
         with pytest.raises(ValueError, match="fast preset cannot be combined with ControlNet"):
             base_pipe.txt2img("x", control=[unit], fast=True, width=W, height=H, steps=2)
-        with pytest.raises(ValueError, match="hires fix with ControlNet"):
-            base_pipe.txt2img("x", control=[unit], hires_scale=2, width=W, height=H, steps=2)
+        with pytest.raises(ValueError, match="fast preset cannot be combined with ControlNet"):
+            base_pipe.txt2img("x", control=[unit], fast=True, hires_scale=2, width=W, height=H, steps=2)
         with pytest.raises(ValueError, match="list of ldm.ControlUnit"):
             base_pipe.txt2img("x", control=[{"model": cns[0]}], width=W, height=H, steps=2)
     finally:

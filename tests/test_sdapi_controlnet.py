@@ -154,14 +154,24 @@ def test_bad_units_get_422(server, fields, words):
         assert word.lower() in detail.lower(), detail
 
 
-def test_no_image_args_not_a_list_and_hires_fix_get_422(server):
+def test_no_image_and_args_not_a_list_get_422(server):
     r = post(server, "/sdapi/v1/txt2img", {"prompt": "x", **GEN, "alwayson_scripts": {"controlnet": {"args": [unit(image="")]}}})
     assert r.status_code == 422 and "image" in r.json()["detail"]
     r = post(server, "/sdapi/v1/txt2img", {"prompt": "x", **GEN, "alwayson_scripts": {"controlnet": {"args": "canny"}}})
     assert r.status_code == 422
-    r = post(server, "/sdapi/v1/txt2img", {"prompt": "x", **GEN, "enable_hr": True,
-                                           "alwayson_scripts": {"controlnet": {"args": [unit(model="broken")]}}})
-    assert r.status_code == 422 and "hires fix" in r.json()["detail"]
+
+
+def test_hires_fix_with_a_unit_equals_the_library(server, pipe, cn):
+    """enable_hr with ControlNet: both passes guided (the extension's hr_option "Both")."""
+    body = {"prompt": "a house", **GEN, "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Lanczos",
+            "denoising_strength": 0.6, "alwayson_scripts": {"controlnet": {"args": [unit()]}}}
+    r = post(server, "/sdapi/v1/txt2img", body)
+    assert r.status_code == 200, r.text
+    want = pipe.txt2img("a house", hires_scale=2.0, hires_upscaler="lanczos", hires_strength=0.6, control=[
+        ldm.ControlUnit.a1111(cn, shapes(), preprocessor="canny", settings=CANNY)], **LIB)
+    got = decode(r.json()["images"][0])
+    assert got.size == (64, 64) and np.array_equal(px(got), px(want.images[0]))
+    assert json.loads(r.json()["info"])["infotexts"][0] == want.infotexts[0]
 
 
 def test_model_and_module_lists(server, cn):

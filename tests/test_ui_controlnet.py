@@ -99,9 +99,14 @@ def test_unknown_unit_parameter_is_refused(ctx):
         tasks.txt2img(ctx, prompt="x", cn3_enabled=True)
 
 
-def test_fast_and_hires_with_controlnet_are_refused_readably(ctx, shapes):
+def test_fast_is_refused_readably_and_hires_fix_runs_with_controlnet(ctx, shapes):
     with pytest.raises(ValueError, match="fast preset cannot be combined with ControlNet"):
         streaming.run(tasks.txt2img(ctx, prompt="x", steps=2, fast=True, **unit(cn0_image=str(shapes))))
+    out = streaming.run(tasks.txt2img(ctx, prompt="x", steps=2, seed=3, width=32, height=32, hires_scale=2,
+                                      **unit(cn0_image=str(shapes))))
+    with Image.open(out.images[0]) as im:
+        assert im.size == (64, 64)
+    assert "ControlNet 0:" in out.infotexts[0] and "Hires upscale: 2" in out.infotexts[0]
 
 
 def test_preview_is_the_preprocessors_map_at_the_generation_size(ctx, shapes):

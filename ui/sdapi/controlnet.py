@@ -9,7 +9,8 @@ without one uses the init image), `module` (a preprocessor of `ldm.PREPROCESSORS
 `control_mode` (0/1/2 or A1111's names, in `ldm.CONTROL_MODES` order), `resize_mode` (0 Just Resize,
 1 Crop and Resize, 2 Resize and Fill, or those names; `ldm.RESIZE_MODES` order), `threshold_a`/`threshold_b`
 (the module's settings in order; negative = default). `processor_res`, `pixel_perfect`, `low_vram`,
-`hr_option` are accepted and ignored: maps are always made at the generation size (pixel perfect).
+`hr_option` are accepted and ignored: maps are always made at the generation size (pixel perfect), and with
+`enable_hr` the units guide both passes (the extension's "Both"), the second at the hires size.
 
 Everything is checked before any model work (weights loaded only for valid units); ControlNets are
 loaded lazily with `ldm.load_controlnet(path, base=pipe)` and kept per pipeline and file.

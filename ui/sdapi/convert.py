@@ -197,8 +197,6 @@ def plan_txt2img(ctx: Context, req: Txt2ImgRequest, defaults: dict[str, Any], *,
                         hires_upscaler=hires_upscaler(req.hr_upscaler), hires_steps=req.hr_second_pass_steps or None)
         if req.hr_prompt or req.hr_negative_prompt or req.hr_sampler_name:
             notes.append("hr_prompt, hr_negative_prompt and hr_sampler_name are ignored: the second pass uses the first's")
-    if req.enable_hr and controlnet.enabled_units(req.alwayson_scripts):
-        raise ValueError("the hires fix with ControlNet is not supported yet: send enable_hr false (or no ControlNet unit)")
     with_controlnet(ctx, pipe, req, settings, notes, controlnets)
     prompt = params.prompt
 
