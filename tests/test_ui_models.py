@@ -214,3 +214,86 @@ def test_the_rest_api_follows_a_switch_and_does_not_hold_the_old_model(root, tmp
         assert r.status_code == 200 and "Model: beta" in r.json()["info"]
     finally:
         demo.close()
+
+
+def wait_for_hash(manager, name, timeout=30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while name not in manager.hashes and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return manager.hashes[name]
+
+
+def test_titles_are_a1111s_name_and_hash_computed_in_the_background(root, monkeypatch):
+    (root / "ldm-hashes.json").unlink(missing_ok=True)  # earlier tests' switches cached beta's hash (shown, as A1111)
+    ctx = make_ctx(root)
+    library = ctx.models.library
+    alpha = wait_for_hash(ctx.models, "alpha")
+    assert alpha == library.short_hash(library.find("checkpoints", "alpha")) and len(alpha) == 10
+    assert ctx.models.titled() == [(f"alpha [{alpha}]", "alpha"), ("beta", "beta"), ("broken", "broken")]
+    assert [ctx.models.resolve(t) for t in (f"alpha [{alpha}]", "alpha", alpha, "beta [0123456789]")] == ["alpha"] * 3 + ["beta"]
+    # a switch hashes the new checkpoint off the request path: listings meanwhile show the bare name
+    release, started = threading.Event(), threading.Event()
+    real = type(library).short_hash
+
+    def slow(self, entry):
+        started.set()
+        release.wait(30)
+        return real(self, entry)
+
+    monkeypatch.setattr(type(library), "short_hash", slow)
+    models.switch_model(ctx, "beta", "Automatic")
+    assert started.wait(10) and ("beta", "beta") in ctx.models.titled()  # not waiting for the hash
+    release.set()
+    beta = wait_for_hash(ctx.models, "beta")
+    assert (f"beta [{beta}]", "beta") in ctx.models.titled() and ctx.models.title("beta") == f"beta [{beta}]"
+    assert models.switch_model(ctx, f"alpha [{alpha}]") == "Serving alpha."  # a title switches too
+
+
+def test_rest_options_switch_checkpoints_and_vaes_as_the_ui_does(root):
+    """POST /sdapi/v1/options with sd_model_checkpoint / sd_vae goes through ui.models' switch: the old model
+    is released, the next request uses the new one, names/titles/hashes are accepted, failures are readable."""
+    import requests
+
+    from conftest import free_port
+    from ui import build, sdapi
+
+    ctx = make_ctx(root)
+    demo = build(ctx.pipes, ctx.options, ctx.models)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        sdapi.mount(demo.app, demo.ldm_context, sdapi.Settings())
+        live = demo.ldm_context
+        url = f"http://127.0.0.1:{port}/sdapi/v1"
+        alpha = wait_for_hash(live.models, "alpha")
+        options = requests.get(f"{url}/options", timeout=10).json()
+        assert options["sd_model_checkpoint"] == f"alpha [{alpha}]" and options["sd_vae"] == "Automatic"
+        assert requests.post(f"{url}/options", json=options, timeout=10).status_code == 200  # the same: no switch
+        old = weakref.ref(live.pipes.base)
+        assert requests.post(f"{url}/options", json={"sd_model_checkpoint": "beta"}, timeout=60).status_code == 200
+        gc.collect()
+        assert live.models.checkpoint == "beta" and old() is None, "the old checkpoint is still held"
+        body = {"prompt": "a cube", "steps": 2, "width": 32, "height": 32, "seed": 3, "sampler_name": "Euler"}
+        r = requests.post(f"{url}/txt2img", json=body, timeout=60)
+        assert r.status_code == 200 and "Model: beta" in r.json()["info"]
+        beta = wait_for_hash(live.models, "beta")
+        listed = requests.get(f"{url}/sd-models", timeout=10).json()
+        assert listed[0]["title"] == f"beta [{beta}]" and listed[0]["hash"] == beta
+        # the VAE, then back with A1111's "None"
+        assert requests.post(f"{url}/options", json={"sd_vae": "other-vae"}, timeout=60).status_code == 200
+        info = requests.post(f"{url}/txt2img", json=body, timeout=60).json()["info"]
+        assert "VAE: other-vae" in info and requests.get(f"{url}/options", timeout=10).json()["sd_vae"] == "other-vae"
+        assert requests.post(f"{url}/options", json={"sd_vae": "None"}, timeout=60).status_code == 200
+        assert live.models.vae == "Automatic"
+        # by short hash, as some clients send it
+        assert requests.post(f"{url}/options", json={"sd_model_checkpoint": alpha}, timeout=60).status_code == 200
+        assert live.models.checkpoint == "alpha"
+        r = requests.post(f"{url}/options", json={"sd_model_checkpoint": "alpah"}, timeout=10)
+        assert r.status_code == 422 and "close names: alpha" in r.json()["detail"]
+        r = requests.post(f"{url}/options", json={"sd_model_checkpoint": "broken"}, timeout=60)
+        assert r.status_code == 500 and "could not load broken" in r.json()["detail"] and "still serving alpha" in r.json()["detail"]
+        assert requests.post(f"{url}/txt2img", json=body, timeout=60).status_code == 200
+        r = requests.post(f"{url}/txt2img", json={**body, "override_settings": {"sd_model_checkpoint": "beta"}}, timeout=10)
+        assert r.status_code == 422 and "POST /sdapi/v1/options" in r.json()["detail"]
+    finally:
+        demo.close()

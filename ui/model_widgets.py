@@ -28,8 +28,8 @@ class ModelBar:
 def model_bar(ctx: Context) -> ModelBar:
     m = ctx.models
     with gr.Row(equal_height=True):
-        checkpoint = gr.Dropdown(m.checkpoints(), value=m.checkpoint, label="Stable Diffusion checkpoint", scale=4,
-                                 elem_id="model-checkpoint")
+        checkpoint = gr.Dropdown(m.titled(), value=m.checkpoint, label="Stable Diffusion checkpoint", scale=4,
+                                 elem_id="model-checkpoint")  # shows A1111's "name [hash]", hands back the name
         refresh = gr.Button("🔄", scale=0, min_width=40, elem_id="model-refresh")
         vae = gr.Dropdown(m.vaes(), value=m.vae, label="SD VAE", scale=3, elem_id="model-vae")
         status = gr.Textbox(m.status(), show_label=False, interactive=False, container=False, scale=4,
@@ -44,11 +44,11 @@ def wire_model_bar(ctx: Context, bar: ModelBar, concurrency_id: str) -> None:
         except ValueError as exc:  # the previous model serves: say why, put the dropdowns back
             gr.Warning(html.escape(str(exc)))
             text = f"⚠ {exc}"
-        return text, ctx.models.checkpoint, ctx.models.vae
+        return text, gr.Dropdown(choices=ctx.models.titled(), value=ctx.models.checkpoint), ctx.models.vae
 
     def refresh():
-        checkpoints, current, vaes, vae = models.model_choices(ctx)
-        return gr.Dropdown(choices=checkpoints, value=current), gr.Dropdown(choices=vaes, value=vae)
+        _, current, vaes, vae = models.model_choices(ctx)
+        return gr.Dropdown(choices=ctx.models.titled(), value=current), gr.Dropdown(choices=vaes, value=vae)
 
     slots = ctx.backend.slots(ctx.pipes.base)  # the group's limit is its events' smallest: the generations' (ui.layout)
     for dropdown in (bar.checkpoint, bar.vae):

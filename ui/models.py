@@ -16,12 +16,18 @@ models folder). A switch
 A VAE from the models folder is put on the serving checkpoint with `pipe.with_vae(name)` (shared
 weights, other VAE); "Automatic" is the checkpoint's own.
 
+Checkpoints are shown as A1111 titles them, "name [hash]" (10 hex of the SHA-256), once the hash is known:
+the serving checkpoint is hashed on a background thread after it loads (through the models folder's hash
+cache, `ldm-hashes.json`, so the next start knows it), others show a hash only if that cache has it. No
+listing or request waits for a hash.
+
 The handlers at the end (`switch_model`, `model_choices`) are the UI's and the API's (`/switch_model`).
 """
 from __future__ import annotations
 
 import gc
 import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,10 +40,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 AUTOMATIC = "Automatic"
+TITLE = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")  # A1111's "name [hash]"
 
 
 class SwitchError(ValueError):
-    """A checkpoint or VAE that could not be loaded; the message says which model serves now."""
+    """A checkpoint or VAE that cannot be switched to; the message says which model serves now."""
+
+
+class LoadFailed(SwitchError):
+    """The checkpoint or VAE was found but failed to load (a broken file, too little memory): not the asker's fault."""
 
 
 class Models:
@@ -59,6 +70,8 @@ class Models:
         self.specs = {self.checkpoint: str(spec or pipe.components.path)}  # name -> what the loader takes
         self.loaded: OrderedDict[str, Any] = OrderedDict({self.checkpoint: pipe})  # most recently used last
         self.lock = threading.Lock()  # one switch at a time
+        self.hashes: dict[str, str] = {}  # checkpoint name -> short hash, filled by `_hash_later`
+        self._hash_later(self.checkpoint, pipe)
 
     # ---- what can be chosen -----------------------------------------------------------------------
 
@@ -70,12 +83,53 @@ class Models:
     def vaes(self) -> list[str]:
         return [AUTOMATIC, *([e.name for e in self.library.vaes] if self.library is not None else [])]
 
+    def titled(self) -> list[tuple[str, str]]:
+        """(title, name) for every checkpoint: what the dropdown shows and what it hands back."""
+        entries = {e.name: e for e in self.library.checkpoints} if self.library is not None else {}
+        names = list(dict.fromkeys([*self.specs, *entries]))
+        return [(self._title(n, entries.get(n)), n) for n in names]
+
+    def title(self, name: str) -> str:
+        """A1111's title of one checkpoint: "name [hash]" when the hash is known, else the name."""
+        return self._title(name, self._entry(name))
+
+    def resolve(self, text: str) -> str:
+        """A checkpoint as A1111 clients give it (title "name [hash]", name, or short hash) -> its name here;
+        unknown text comes back without the hash, for `switch` to refuse with close names."""
+        text = str(text).strip()
+        match = TITLE.match(text)
+        bare = match.group(1) if match else text
+        for title, name in self.titled():
+            if text in (title, name) or bare == name or title.endswith(f"[{text}]"):
+                return name
+        return bare
+
+    def _entry(self, name: str) -> Any:
+        """The models-folder entry called exactly `name` (no fuzzy matching), or None."""
+        return next((e for e in self.library.checkpoints if e.name == name), None) if self.library is not None else None
+
+    def _title(self, name: str, entry: Any) -> str:
+        known = self.hashes.get(name) or (self.library.cached_short_hash(entry) if entry is not None else None)
+        return f"{name} [{known}]" if known else name
+
+    def _hash_later(self, name: str, pipe: Any) -> None:
+        """The serving checkpoint's short hash, on a daemon thread: through the folder's cache for a folder entry
+        (only the library is held), else the pipeline's own `model_hash` (held until that is read)."""
+        entry = self._entry(name)
+        if entry is not None:
+            def work():
+                self.hashes[name] = self.library.short_hash(entry)
+        else:
+            def work():
+                self.hashes[name] = pipe.model_hash
+        threading.Thread(target=lambda: _logged(work, name), daemon=True, name="ldm-model-hash").start()
+
     # ---- switching --------------------------------------------------------------------------------
 
     def switch(self, ctx: "Context", checkpoint: str | None = None, vae: str | None = None) -> str:
-        """Serve `checkpoint` (a name from `checkpoints()`) with `vae` ("Automatic" or a name from `vaes()`);
-        None keeps the current one. Returns a one-line status; raises SwitchError/ValueError on failure."""
-        checkpoint = str(checkpoint or self.checkpoint).strip()
+        """Serve `checkpoint` (a name from `checkpoints()`, or its A1111 title or hash) with `vae` ("Automatic" or a
+        name from `vaes()`); None keeps the current one. Returns a one-line status; raises SwitchError/ValueError."""
+        checkpoint = self.resolve(checkpoint) if checkpoint else self.checkpoint
         vae = str(vae or self.vae).strip()
         with self.lock:
             turn = ctx.queues.enter(ctx.pipes.base, threading.Event(), "switch")  # waits for running requests
@@ -135,7 +189,7 @@ class Models:
                 ctx.queues.leave(ctx.pipes.base, turn)
             else:
                 self._restore(ctx, previous, vae)
-            raise SwitchError(f"{reason} — still serving {previous}") from None
+            raise LoadFailed(f"{reason} — still serving {previous}") from None
         self.loaded[name] = pipe
         del pipe
         self._serve(ctx, name, turn)
@@ -158,6 +212,8 @@ class Models:
             if turn is not None:
                 ctx.queues.leave(old, turn)
             ctx.queues.forget(old)
+        if name not in self.hashes:
+            self._hash_later(name, ctx.pipes.base)
         log.info("serving checkpoint %s", name)
 
     def _restore(self, ctx: "Context", name: str, vae: str) -> None:
@@ -165,7 +221,7 @@ class Models:
         try:
             self.loaded[name] = self.loader(self.specs[name])
         except Exception as exc:  # noqa: BLE001
-            raise SwitchError(f"the previous checkpoint {name} could not be loaded again either: {exc}") from None
+            raise LoadFailed(f"the previous checkpoint {name} could not be loaded again either: {exc}") from None
         ctx.pipes.base = self.loaded[name]
         self.checkpoint, self.vae = name, AUTOMATIC
         if vae != AUTOMATIC:
@@ -180,7 +236,7 @@ class Models:
             new = plain if vae == AUTOMATIC else plain.with_vae(vae)
         except Exception as exc:  # noqa: BLE001 - the VAE in use stays
             ctx.queues.leave(ctx.pipes.base, turn)
-            raise SwitchError(f"could not load VAE {vae}: {exc} — still serving {self.checkpoint}"
+            raise LoadFailed(f"could not load VAE {vae}: {exc} — still serving {self.checkpoint}"
                               f"{'' if self.vae == AUTOMATIC else ' with VAE ' + self.vae}") from None
         old = ctx.pipes.base
         ctx.pipes.base = new
@@ -188,6 +244,13 @@ class Models:
         ctx.queues.leave(old, turn)
         ctx.queues.forget(old)
         log.info("serving checkpoint %s with VAE %s", self.checkpoint, vae)
+
+
+def _logged(work: Callable[[], None], name: str) -> None:
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 - a file that cannot be read just shows no hash
+        log.warning("could not hash checkpoint %s: %s", name, exc)
 
 
 # ---- handlers (no Gradio): the UI's top bar and the /switch_model endpoint --------------------------

@@ -126,19 +126,15 @@ def resampler(name: str | None) -> str:
     return key
 
 
-def model_title(pipe: Any) -> str:
-    """A1111's checkpoint title: "name [hash10]"."""
-    return f"{pipe.name} [{pipe.model_hash}]"
-
-
 def check_checkpoint(ctx: Context, name: Any) -> None:
-    """Only the loaded model can be asked for (by title, name or hash)."""
+    """A request's override_settings may name only the serving checkpoint (by title, name or hash); another one
+    is switched to with POST /sdapi/v1/options."""
     if name in (None, ""):
         return
-    pipe = ctx.pipes.base
-    text = str(name).strip()
-    if text not in (model_title(pipe), pipe.name, pipe.model_hash, str(pipe.name).rpartition("/")[2]):
-        raise ValueError(f"checkpoint {text!r} is not loaded; this server has one model: {model_title(pipe)!r}")
+    m = ctx.models
+    if m.resolve(str(name)) != m.checkpoint:
+        raise ValueError(f"checkpoint {str(name).strip()!r} is not loaded (serving {m.title(m.checkpoint)!r}); switch "
+                         f"checkpoints with POST /sdapi/v1/options {{\"sd_model_checkpoint\": ...}} first")
 
 
 # ---- requests ----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from ldm import metadata, samplers
 
 from .. import tasks
 from ..limits import LoginBackoff
+from ..models import AUTOMATIC, TITLE, LoadFailed, switch_model
 from ..state import Context
 from ..turns import QueueFull
 from . import controlnet, convert
@@ -214,13 +215,13 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
 
     @router.get(f"{PREFIX}/sd-models", response_model=list[SDModelItem], tags=["sdapi"])
     def sd_models() -> list[dict]:
-        pipe = serving()
-        serving_title = convert.model_title(pipe)
-        others = [name for name in ctx.models.checkpoints() if name != str(pipe.name)] if ctx.models else []
-        return [{"title": serving_title, "model_name": str(pipe.name), "hash": pipe.model_hash, "sha256": None,
-                 "filename": str(pipe.components.path), "config": None},
-                *({"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
-                  for name in others)]
+        """The serving checkpoint first, then the models folder's; titles "name [hash]" once a hash is known
+        (ui.models hashes the serving one in the background)."""
+        pipe, current = serving(), ctx.models.checkpoint
+        items = [{"title": title, "model_name": name, "hash": (m := TITLE.match(title)) and m.group(2), "sha256": None,
+                  "filename": str(pipe.components.path) if name == current else name, "config": None}
+                 for title, name in ctx.models.titled()]
+        return sorted(items, key=lambda item: item["model_name"] != current)
 
     @router.get(f"{PREFIX}/sd-vae", tags=["sdapi"])
     def sd_vae() -> list[dict]:
@@ -249,7 +250,7 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
 
     @router.post(f"{PREFIX}/refresh-checkpoints", tags=["sdapi"])
     def refresh_checkpoints() -> None:
-        return None  # one model, loaded at start-up: nothing to rescan
+        return None  # /sd-models rescans the models folder on every call
 
     @router.post(f"{PREFIX}/refresh-vae", tags=["sdapi"])
     def refresh_vae() -> None:
@@ -271,7 +272,7 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
     def current_options() -> dict:
         pipe = serving()
         outputs = ctx.options.outputs
-        return {"sd_model_checkpoint": convert.model_title(pipe), "sd_checkpoint_hash": None, "sd_vae": "Automatic",
+        return {"sd_model_checkpoint": ctx.models.title(ctx.models.checkpoint), "sd_checkpoint_hash": None, "sd_vae": ctx.models.vae,
                 "CLIP_stop_at_last_layers": options["CLIP_stop_at_last_layers"], "samples_save": outputs is not None,
                 "samples_format": "png", "outdir_samples": str(outputs or ""), "live_previews_enable": bool(ctx.options.preview_every),
                 "show_progress_every_n_steps": ctx.options.preview_every, "sd_model_name": str(pipe.name)}
@@ -282,22 +283,28 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
 
     @router.post(f"{PREFIX}/options", tags=["sdapi"])
     def set_options(req: dict[str, Any] = Body(...)) -> None:
-        """Partial or whole (as GET gave it); honoured: CLIP_stop_at_last_layers, sd_model_checkpoint (the loaded
-        one only), sd_vae ("Automatic"); other keys are accepted and ignored."""
+        """Partial or whole (as GET gave it); honoured: CLIP_stop_at_last_layers, sd_model_checkpoint and sd_vae
+        (a switch as the UI's checkpoint/VAE dropdowns make it: between requests, the old model released; a name,
+        title "name [hash]" or hash from /sd-models; "Automatic"/"None" = the checkpoint's own VAE); other keys
+        are accepted and ignored."""
         pipe = serving()
-        try:
-            convert.check_checkpoint(ctx, req.get("sd_model_checkpoint"))
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
-        vae = req.get("sd_vae", "Automatic")
-        if vae not in (None, "", "Automatic", "None"):
-            raise HTTPException(422, f"sd_vae {vae!r} cannot be switched at run time; this server uses the model's own VAE")
+        m = ctx.models
+        checkpoint = m.resolve(req["sd_model_checkpoint"]) if req.get("sd_model_checkpoint") else m.checkpoint
+        vae = req.get("sd_vae") or m.vae
+        vae = AUTOMATIC if vae == "None" else str(vae)
         if "CLIP_stop_at_last_layers" in req:
             clip = req["CLIP_stop_at_last_layers"]
             limit = pipe.limits.max_clip_skip
             if not isinstance(clip, int) or isinstance(clip, bool) or not 1 <= clip <= limit:
                 raise HTTPException(422, f"CLIP_stop_at_last_layers must be a whole number from 1 to {limit}, got {clip!r}")
             options["CLIP_stop_at_last_layers"] = clip
+        if (checkpoint, vae) != (m.checkpoint, m.vae):  # posting GET's dict back switches nothing, waits for nothing
+            try:
+                switch_model(ctx, checkpoint, vae)
+            except LoadFailed as exc:  # found but failed to load: the previous model serves
+                raise HTTPException(500, str(exc)) from None
+            except ValueError as exc:  # an unknown name (close names listed), switching off
+                raise HTTPException(422, str(exc)) from None
         return None
 
     # ---- jobs ------------------------------------------------------------------------------
