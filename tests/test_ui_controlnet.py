@@ -159,3 +159,58 @@ def test_one_controlnet_hash_everywhere_as_a1111s_extension(ctx, pipe, shapes):
     out = streaming.run(tasks.txt2img(ctx, prompt="x", steps=2, seed=1, width=32, height=32,
                                       **unit(cn0_image=str(shapes), cn0_model=f"tiny-canny [{old}]")))
     assert f"Model: tiny-canny [{old}]," in out.infotexts[0]
+
+
+def test_inpaint_unit_without_an_image_uses_the_tabs_image(ctx, shapes, tmp_path):
+    mask = tmp_path / "mask.png"
+    square = Image.new("L", (32, 32), 0)
+    square.paste(255, (4, 4, 28, 28))
+    square.save(mask)
+    kw = dict(image=str(shapes), mask=str(mask), prompt="a cube", steps=3, seed=4, mask_blur=0, strength=0.9)
+    out = streaming.run(tasks.inpaint(ctx, **kw, **unit(cn0_preprocessor="none", cn0_weight=1.5)))
+    plain = streaming.run(tasks.inpaint(ctx, **kw))
+    assert np.abs(px(out.images[0]) - px(plain.images[0])).max() > VISIBLE
+    assert "ControlNet 0:" in out.infotexts[0]
+
+
+def test_named_endpoint_takes_the_units_by_keyword(launch_web_app, pipe, shapes):
+    from gradio_client import handle_file
+
+    web = launch_web_app(state.Pipes(pipe), preview_every=0)
+    client = web.client()
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/txt2img"]["parameters"]
+    params = {p["parameter_name"]: p for p in info}
+    assert set(control.param_names()) <= set(params)
+    assert all(params[n]["parameter_has_default"] for n in control.param_names())  # optional, images too
+    kw = dict(prompt="a cube", steps=3, seed=5, width=32, height=32, api_name="/txt2img")
+    guided = client.predict(**kw, cn0_enabled=True, cn0_model="tiny-canny", cn0_image=handle_file(str(shapes)),
+                            cn0_preprocessor="canny", cn0_setting_a=50, cn0_setting_b=150)
+    plain = client.predict(**kw)
+    assert 'ControlNet 0: "Module: canny, Model: tiny-canny [' in guided[1] and "ControlNet" not in plain[1]
+    assert np.abs(px(guided[0][0]["image"]) - px(plain[0][0]["image"])).max() > VISIBLE
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="ControlNet unit 2: choose a model"):
+        client.predict(**kw, cn2_enabled=True, cn2_model="", cn2_image=handle_file(str(shapes)))
+
+
+def test_cache_does_not_hand_a_new_pipeline_a_released_ones_controlnet(pipe):
+    """Keys hold id(pipe); after a checkpoint switch a new pipeline may get a released one's id."""
+    import weakref
+
+    from ui.controlnets import ControlNets
+
+    cache = ControlNets()
+    entry = pipe.library.find("controlnets", "tiny-canny")
+    net = cache.get(pipe, entry)
+    assert cache.get(pipe, entry) is net  # cached for the same pipeline
+    key = next(iter(cache.loaded))
+
+    class Released:
+        pass
+
+    old = Released()
+    cache.loaded[key] = (weakref.ref(old), "the released pipeline's ControlNet")
+    del old
+    again = cache.get(pipe, entry)
+    assert isinstance(again, ldm.ControlNet) and again is not net

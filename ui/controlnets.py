@@ -4,6 +4,7 @@ per app in `Context.controlnets`, so the page and the API share the loaded weigh
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -18,17 +19,18 @@ class ControlNets:
     def __init__(self, size: int = MAX_CACHED) -> None:
         self.size = size
         self.lock = threading.Lock()
-        self.loaded: OrderedDict[tuple, ldm.ControlNet] = OrderedDict()
+        self.loaded: OrderedDict[tuple, tuple[weakref.ref, ldm.ControlNet]] = OrderedDict()
 
     def get(self, pipe: Any, entry: Any) -> ldm.ControlNet:
         stat = entry.path.stat()
         key = (id(pipe), str(entry.path), stat.st_mtime_ns, entry.size)
         with self.lock:  # one load at a time: two requests for one model load it once
-            if key in self.loaded:
+            # The pipeline itself must match: after a checkpoint switch a new one may reuse a released one's id.
+            if key in self.loaded and self.loaded[key][0]() is pipe:
                 self.loaded.move_to_end(key)
-                return self.loaded[key]
+                return self.loaded[key][1]
             net = ldm.load_controlnet(entry.path, base=pipe)
-            self.loaded[key] = net
+            self.loaded[key] = (weakref.ref(pipe), net)
             while len(self.loaded) > self.size:
                 self.loaded.popitem(last=False)
             return net
