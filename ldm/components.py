@@ -7,11 +7,13 @@ import math
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 import torch
+
+from .weights_hash import WeightsHash
 
 
 class ModelKind(str, Enum):
@@ -49,6 +51,8 @@ class Components:
     vae_name: str | None = None
     vae_hash: str | None = None
     own_vae: torch.nn.Module | None = None
+    # The weights' short hash, computed once and shared by every Model on these weights (ldm.weights_hash).
+    weights_hash: WeightsHash = field(default_factory=WeightsHash, compare=False, repr=False)
 
 
 # safetensors dtypes and their item sizes in bytes: what safetensors.torch turns into torch tensors

@@ -12,11 +12,9 @@ initial latents, the timesteps to run and its own loop extensions), runs the one
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 
 import torch
 from PIL import Image
@@ -36,6 +34,7 @@ from .options import Options
 from .params import GenerationParams, Limits
 from .prompt_tags import extract_loras
 from .samplers import make_scheduler
+from .weights_hash import short_hash, weights_files
 
 VERSION = "ldm 0.1.0"
 
@@ -107,18 +106,22 @@ class Model:
         drift over the steps and change what a seed draws), else the U-Net's dtype as in diffusers."""
         return torch.float32 if self.unet.dtype == torch.bfloat16 else self.unet.dtype
 
-    @cached_property
+    @property
     def model_hash(self) -> str:
-        """First 10 hex digits of the SHA-256 of the checkpoint file (A1111's short hash, computed once);
-        for a diffusers folder, of its U-Net weights."""
+        """First 10 hex digits of the SHA-256 of the checkpoint file (A1111's short hash); for a diffusers
+        folder, of its U-Net weights. Computed once per loaded weights (waits for `start_hashing`'s
+        computation if that is running); through the models folder's hash cache when the model is in it."""
+        return self.components.weights_hash.value(self._compute_hash)
+
+    def start_hashing(self) -> None:
+        """Compute `model_hash` on a daemon thread now, so no request waits for a multi-GB read unless
+        its infotext is ready before the hash is."""
+        self.components.weights_hash.start(self._compute_hash)
+
+    def _compute_hash(self) -> str:
         path = self.components.path
-        files = [path] if path.is_file() else sorted((path / "unet").glob("*.safetensors"))
-        h = hashlib.sha256()
-        for f in files:
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(block)
-        return h.hexdigest()[:10]
+        entry = self.library.entry_at("checkpoints", path) if self.library is not None else None
+        return self.library.short_hash(entry) if entry is not None else short_hash(weights_files(path))
 
     def infotext(self, p: GenerationParams, extra: dict | None = None) -> str:
         """A1111's `parameters` text for one image made with `p`."""

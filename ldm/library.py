@@ -85,6 +85,7 @@ class Library:
             raise NotADirectoryError(f"models folder {self.root} is not a folder")
         self._lock = threading.Lock()
         self._hashes: dict | None = None
+        self._hashing: dict[str, threading.Lock] = {}  # cache key -> held while that entry is hashed
 
     def __repr__(self) -> str:
         return f"Library({str(self.root)!r})"
@@ -160,9 +161,21 @@ class Library:
 
     # ---- hashes ----------------------------------------------------------------------------------
 
+    def entry_at(self, kind: str, path: str | os.PathLike) -> Entry | None:
+        """The entry of `kind` whose file or folder is `path`, if the folder has it."""
+        target = Path(path).resolve()
+        return next((e for e in self.list(kind) if e.path.resolve() == target), None)
+
     def sha256(self, entry: Entry) -> str:
-        """The full hex SHA-256 A1111 uses for this entry (the addnet hash for LoRAs), cached on disk."""
+        """The full hex SHA-256 A1111 uses for this entry (the addnet hash for LoRAs), cached on disk.
+        Two threads asking for the same entry read it once: the second waits for the first's result."""
         method, key, files, stamp = self._stamp(entry)
+        with self._lock:
+            hashing = self._hashing.setdefault(key, threading.Lock())
+        with hashing:
+            return self._sha256(method, key, files, stamp)
+
+    def _sha256(self, method: str, key: str, files: list[Path], stamp: list) -> str:
         with self._lock:
             cached = self._cache().get(key)
         if cached and cached.get("files") == stamp:
