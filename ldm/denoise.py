@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .devices import weights_dtype
 from .guidance import apply_cfg, guided_batch, uses_cfg
 
 # callback(step, total, latents) -> True to cancel the run
@@ -97,7 +98,7 @@ def denoise(unet, inputs: DenoiseInputs, callback: StepCallback | None = None) -
     for ext in exts:
         unet = ext.wrap_unet(unet)
     # Latents (and the sampler's math) may stay float32 while the U-Net runs in bfloat16.
-    unet_dtype = getattr(unet, "dtype", latents.dtype)
+    unet_dtype = weights_dtype(unet) if isinstance(unet, torch.nn.Module) else getattr(unet, "dtype", latents.dtype)
     # Both conditioning batches are built once, outside the loop.
     cond = inputs.cond.to(unet_dtype)
     both = torch.cat([inputs.uncond, inputs.cond]).to(unet_dtype) if cfg else None

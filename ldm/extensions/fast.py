@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..denoise import Extension
+from ..devices import weights_dtype
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class DeepCacheUNet:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return weights_dtype(self.unet)
 
     @property
     def config(self):

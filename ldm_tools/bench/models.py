@@ -1,4 +1,8 @@
-"""Random SD-1.5-shaped components, built once (seeded) and cached as a diffusers folder."""
+"""Random SD-1.5-shaped components, built once (seeded) and cached as a diffusers folder.
+
+`width` scales every channel count: 1.0 is SD 1.5's topology; 0.5 ("half width") keeps the same
+blocks, depths, attention placement and 8x VAE, with half the channels (a quick stand-in whose fixed
+per-run costs weigh more, which is what the overhead comparison needs)."""
 from __future__ import annotations
 
 import json
@@ -15,42 +19,47 @@ SD15_SCHEDULER = {
 }
 
 
-def unet(seed: int):
+def _ch(channels: tuple[int, ...], width: float) -> tuple[int, ...]:
+    return tuple(int(c * width) for c in channels)
+
+
+def unet(seed: int, width: float = 1.0):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        block_out_channels=_ch((320, 640, 1280, 1280), width), cross_attention_dim=int(768 * width), attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     ).eval()
 
 
-def vae(seed: int):
+def vae(seed: int, width: float = 1.0):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        block_out_channels=_ch((128, 256, 512, 512), width), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
     ).eval()
 
 
-def text_encoder(seed: int):
+def text_encoder(seed: int, width: float = 1.0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
+    hidden = int(768 * width)
     cfg = CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=hidden // 64,
+        num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=hidden,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     )
     return CLIPTextModel(cfg).eval()
 
 
-def ensure_sd15_folder(folder: Path, tokenizer: Path, seed: int = 0) -> Path:
+def ensure_sd15_folder(folder: Path, tokenizer: Path, seed: int = 0, width: float = 1.0) -> Path:
     """The cached folder, built on first use (~4 GB, a minute or two). A marker file written last
     means a half-written folder from an interrupted build is rebuilt, not loaded."""
     done = folder / ".complete"
@@ -62,7 +71,7 @@ def ensure_sd15_folder(folder: Path, tokenizer: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True)
     shutil.copytree(tokenizer, folder / "tokenizer")
     for name, build in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
-        build(seed).save_pretrained(folder / name, safe_serialization=True)
+        build(seed, width).save_pretrained(folder / name, safe_serialization=True)
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
     index = {
@@ -73,5 +82,5 @@ def ensure_sd15_folder(folder: Path, tokenizer: Path, seed: int = 0) -> Path:
         "feature_extractor": [None, None], "requires_safety_checker": False,
     }
     (folder / "model_index.json").write_text(json.dumps(index))
-    done.write_text(f"seed {seed}\n")
+    done.write_text(f"seed {seed} width {width}\n")
     return folder
