@@ -82,14 +82,14 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a finished API job's results are kept (default 3600)")
     p.add_argument("--backend", choices=BACKENDS, default=env("BACKEND", "inprocess"),
                    help="where images are generated: inprocess (default) or ray (Ray Serve replicas; docs/scale-out.md)")
-    p.add_argument("--replicas", type=int, default=env("REPLICAS") and int(env("REPLICAS")),
+    p.add_argument("--replicas", type=int, default=int(env("REPLICAS")) if env("REPLICAS") else None,
                    help="--backend ray: replicas per model kind (default 1; or --autoscale)")
-    p.add_argument("--autoscale", default=env("AUTOSCALE"), help="--backend ray: MIN:MAX replicas, scaled by Serve on load")
-    p.add_argument("--ray-address", default=env("RAY_ADDRESS"),
+    p.add_argument("--autoscale", default=env("AUTOSCALE") or None, help="--backend ray: MIN:MAX replicas, scaled by Serve on load")
+    p.add_argument("--ray-address", default=env("RAY_ADDRESS") or None,
                    help="--backend ray: join a cluster (auto, ray://HOST:10001); default: start a local Ray on 127.0.0.1")
-    p.add_argument("--gpus-per-replica", type=float, default=env("GPUS_PER_REPLICA") and float(env("GPUS_PER_REPLICA")),
+    p.add_argument("--gpus-per-replica", type=float, default=float(env("GPUS_PER_REPLICA")) if env("GPUS_PER_REPLICA") else None,
                    help="--backend ray: GPUs each replica takes (default 1 if the cluster has GPUs, else 0)")
-    p.add_argument("--cpus-per-replica", type=float, default=env("CPUS_PER_REPLICA") and float(env("CPUS_PER_REPLICA")),
+    p.add_argument("--cpus-per-replica", type=float, default=float(env("CPUS_PER_REPLICA")) if env("CPUS_PER_REPLICA") else None,
                    help="--backend ray: CPUs each replica takes (default 1)")
     return p
 

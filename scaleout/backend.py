@@ -32,10 +32,10 @@ from ui.backend import Backend, Call, ReplicaDied
 
 from .config import LOCAL_OBJECT_STORE_BYTES, ScaleOut
 from .replica import Done, Failed, Generator, LoadSettings, Progress, Started, model_id
+from .service import APP_PREFIX
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
-APP_PREFIX = "ldm-"
 
 
 class RayBackend(Backend):
@@ -57,8 +57,12 @@ class RayBackend(Backend):
             for kind, pipe in pipes.items():
                 if pipe is None:
                     continue
-                deployment = serve.deployment(Generator, name=kind).options(**options)
                 app = APP_PREFIX + kind
+                if self.running_elsewhere(app):  # e.g. a KubeRay RayService's (scaleout.service): use it, keep it
+                    self.handles[kind] = serve.get_app_handle(app)
+                    log.info("Ray Serve: using the running application %s", app)
+                    continue
+                deployment = serve.deployment(Generator, name=kind).options(**options)
                 self.handles[kind] = serve.run(deployment.bind(model_id(pipe), settings, max_models), name=app,
                                                route_prefix=None)
                 self.apps.append(app)
@@ -72,13 +76,21 @@ class RayBackend(Backend):
     def start_ray(self) -> None:
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}}
         if self.config.address is None:
-            ray.init(num_cpus=self.config.local_cpus(), include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                     _node_ip_address="127.0.0.1", namespace="ldm", runtime_env=env, log_to_driver=False,
-                     configure_logging=False)
+            # "local": always a new instance of our own (never one a `ray start` left on this machine).
+            ray.init(address="local", num_cpus=self.config.local_cpus(), include_dashboard=False,
+                     object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1", namespace="ldm",
+                     runtime_env=env, log_to_driver=False, configure_logging=False)
             self.started_ray = True
         else:
             ray.init(address=self.config.address, namespace="ldm", runtime_env=env, log_to_driver=False)
         serve.start(proxy_location="Disabled")
+
+    def running_elsewhere(self, app: str) -> bool:
+        """An application of that name already runs on the cluster we joined (never on our own local Ray)."""
+        if self.started_ray:
+            return False
+        status = serve.status().applications.get(app)
+        return status is not None and str(getattr(status.status, "value", status.status)) == "RUNNING"
 
     def gpus(self) -> float:
         if self.config.gpus_per_replica is not None:
@@ -95,7 +107,7 @@ class RayBackend(Backend):
         """Model kind -> {replica state: count}, as Serve reports it (RUNNING, STARTING, ...)."""
         status = serve.status()
         out = {}
-        for app in self.apps:
+        for app in (APP_PREFIX + kind for kind in self.handles):
             for name, dep in status.applications[app].deployments.items():
                 out[name] = {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}
         return out

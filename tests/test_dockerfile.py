@@ -70,6 +70,14 @@ def test_xformers_is_an_optional_build_arg_off_by_default():
     assert re.search(r'if \[ "\$\{INSTALL_XFORMERS\}" = "1" \]; then pip install xformers', runs())
 
 
+def test_ray_is_an_optional_build_arg_off_by_default():
+    assert args()["WITH_RAY"] == "0"
+    copies = [shlex.split(a) for k, a in instructions() if k == "COPY"]
+    assert any("requirements-ray.txt" in c[:-1] for c in copies)  # copied with requirements.txt, before the code
+    assert re.search(r'if \[ "\$\{WITH_RAY\}" = "1" \]; then pip install -r requirements-ray.txt; fi', runs())
+    assert "ray" not in (ROOT / "requirements.txt").read_text()  # the default install does not need it
+
+
 def test_runs_as_a_non_root_user():
     steps = instructions()
     users = [(i, a) for i, (k, a) in enumerate(steps) if k == "USER"]

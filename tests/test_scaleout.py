@@ -171,3 +171,20 @@ def test_queues_take_their_slots_from_the_backend():
     assert len(queues.running()) == 3 and queues.job_count() == 4
     assert queues.interrupt() == 3 and all(t.cancel.is_set() for t in turns[:3]) and not turns[3].cancel.is_set()
     assert not queues.forget(pipe)
+
+
+# ---- the replicas as their own Serve application (KubeRay RayService) --------------------------
+
+
+def test_service_builder_makes_the_replicas_application():
+    serve = pytest.importorskip("ray.serve", reason="needs requirements-ray.txt")
+    from scaleout import service
+
+    app = service.build({"model": "/models/sd15", "kind": "base", "replicas": "2", "gpus_per_replica": "0"})
+    assert isinstance(app, serve.Application)
+    with pytest.raises(ValueError, match="needs model=PATH"):
+        service.build({"kind": "base"})
+    with pytest.raises(ValueError, match="kind must be base, inpaint or upscale"):
+        service.build({"model": "/m", "kind": "refiner"})
+    with pytest.raises(ValueError, match="exclude each other"):
+        service.build({"model": "/m", "replicas": "2", "autoscale": "1:2"})

@@ -194,3 +194,19 @@ def test_a_replica_killed_mid_request_fails_that_request_and_the_service_recover
     wait_for(lambda: service.backend.replica_states() == {"base": {"RUNNING": 2}}, 300, "Serve to replace the replica")
     r = requests.post(f"{service.url}/sdapi/v1/txt2img", json={"prompt": "after", "steps": 3, "seed": 5, **SIZE}, timeout=300)
     assert r.status_code == 200, r.text
+
+
+def test_the_pages_stop_reaches_the_replica(service):
+    from gradio_client import Client
+
+    client = Client(service.url, verbose=False)
+    job = client.submit(prompt="long", steps=150, seed=7, width=192, height=192, api_name="/txt2img")  # the UI's most steps
+    queues = service.app.ctx.queues
+    turn = wait_for(lambda: service.backend.in_flight() and queues.running() and queues.running()[0].step >= 2
+                    and queues.running()[0], 120, "the UI's run on a replica")
+    job.cancel()  # what the page's Stop does: Gradio closes the handler, ui.streaming sets the cancel flag
+    wait_for(lambda: not service.backend.in_flight() and not queues.running(), 60, "the run to stop")
+    assert turn.cancel.is_set() and turn.step < turn.total == 150  # stopped, not finished
+    started = time.monotonic()
+    r = requests.post(f"{service.url}/sdapi/v1/txt2img", json={"prompt": "next", "steps": 4, "seed": 8, **SIZE}, timeout=120)
+    assert r.status_code == 200 and time.monotonic() - started < 60

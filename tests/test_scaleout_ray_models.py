@@ -1,0 +1,65 @@
+"""Model switching on the Ray backend: a replica loads what a request needs. One CPU replica on a local
+loopback Ray, a tiny models folder (tests/models_folder.py): a LoRA tag, then a switch to another
+checkpoint with another VAE, each equal to the same request in process. Slow (`pytest -m slow`)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import models_folder
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("ray", reason="the Ray backend needs requirements-ray.txt")
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    import ldm
+    from scaleout.backend import RayBackend
+    from scaleout.config import ScaleOut
+    from scaleout.replica import LoadSettings
+    from ui import state
+
+    root = models_folder.build(tmp_path_factory.mktemp("models"))
+    load = models_folder.loader(root)
+    first = load("alpha")
+    backend = RayBackend(ScaleOut(replicas=1, cpus_per_replica=1),
+                         LoadSettings("cpu", "float32", ldm.Options(), str(root)), {"base": first})
+    try:
+        yield state.Context(state.Pipes(first), state.Options(outputs=None, preview_every=0, backend=backend,
+                                                              model_loader=load, model_spec="alpha"))
+    finally:
+        backend.close()
+
+
+def generate(ctx, prompt: str, seed: int) -> np.ndarray:
+    from ui import streaming, tasks
+
+    out = streaming.run(tasks.txt2img(ctx, prompt, steps=3, width=32, height=32, seed=seed))
+    image = out.images[0]
+    return np.asarray((Image.open(image) if isinstance(image, str) else image).convert("RGB"))
+
+
+def in_process(ctx, prompt: str, seed: int) -> np.ndarray:
+    return np.asarray(ctx.pipes.base.txt2img(prompt, steps=3, width=32, height=32, seed=seed).images[0].convert("RGB"))
+
+
+def test_a_replica_loads_the_model_lora_and_vae_a_request_needs(ctx):
+    from ui import models
+
+    plain = generate(ctx, "a red cube", 1)
+    assert np.array_equal(plain, in_process(ctx, "a red cube", 1))
+    styled = generate(ctx, "a red cube <lora:style:1>", 1)  # merged on the replica, as in process
+    assert np.array_equal(styled, in_process(ctx, "a red cube <lora:style:1>", 1)) and not np.array_equal(styled, plain)
+
+    assert models.switch_model(ctx, "beta", "other-vae") == "Serving beta, VAE other-vae."
+    started = time.monotonic()
+    switched = generate(ctx, "a red cube", 1)  # the replica loads beta + other-vae for this request
+    first = time.monotonic() - started
+    assert np.array_equal(switched, in_process(ctx, "a red cube", 1)) and not np.array_equal(switched, plain)
+    started = time.monotonic()
+    assert np.array_equal(generate(ctx, "a red cube", 2), in_process(ctx, "a red cube", 2))
+    print(f"first request after the switch {first:.2f} s (replica loads the model), next {time.monotonic() - started:.2f} s")
