@@ -54,6 +54,21 @@ def locate(model: str | os.PathLike, *, allow_download: bool = True) -> Path:
     )
 
 
+def checkpoint_family(path: str | os.PathLike) -> str | None:
+    """What a checkpoint on disk is, from its folder layout or its file's header (no weights are read):
+    "sdxl", "sdxl-refiner", "sd1", "sd2", or "sd" (a diffusers folder of SD 1.x or 2.x); None when it is not a
+    model this library loads (unreadable, a pickle, a LoRA, ...). For listings, e.g. the UI's refiner choices."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "text_encoder_2").is_dir():
+            return "sdxl" if (path / "text_encoder").is_dir() else "sdxl-refiner"
+        return "sd" if (path / "unet").is_dir() else None
+    try:
+        return single_file.read_layout(path).family
+    except (ModelLoadError, OSError):
+        return None
+
+
 def _weights(folder: Path) -> dict[Path, dict[str, tuple[str, tuple[int, ...]]]]:
     """The folder's safetensors files, each checked, with the {name: (dtype, shape)} its header lists."""
     files = sorted(folder.glob("*.safetensors"))

@@ -53,9 +53,7 @@ class Pipeline(Model):
         second = None
         extensions = _fast(fast)
         if refiner is not None:  # validated now, before any model work
-            if hires_scale is not None or control:
-                raise ValueError("the refiner with the hires fix or ControlNet is not supported yet")
-            check_refiner(self, refiner, refiner_switch_at)
+            check_refiner(self, refiner, refiner_switch_at, hires=hires_scale is not None, control=bool(control))
             extensions += (RefinerSwitch(refiner, generate.txt2img_params(self, prompt, settings), refiner_switch_at),)
         if hires_scale is not None:  # validated now, before the first pass
             first = generate.txt2img_params(self, prompt, settings)

@@ -219,6 +219,12 @@ def detect(state_dict: dict[str, torch.Tensor], file: Path) -> Layout:
     return Layout(family, in_channels, V_PRED_MARKER in state_dict)
 
 
+def read_layout(file: str | os.PathLike) -> Layout:
+    """`detect` from a .safetensors file's header alone (no tensor data is read); pickles are refused."""
+    state_dict, _ = _header(Path(file), allow_pickle=False)
+    return detect(state_dict, Path(file))
+
+
 def _sdxl_family(keys, file: Path) -> str:
     clip, bigg = (any(k.startswith(p) for k in keys) for p in (SDXL_CLIP_PREFIX, SDXL_BIGG_PREFIX))
     if clip and bigg:

@@ -9,6 +9,7 @@ from PIL import Image
 from ldm import metadata, samplers
 from ldm.images import load_image
 
+from .models import TITLE
 from .state import Context
 
 
@@ -42,7 +43,8 @@ def infotext_fields(infotext: str) -> dict[str, Any]:
     """Parsed infotext -> txt2img parameter values (keys are txt2img's parameter names)."""
     if not infotext or not infotext.strip():
         return {}
-    fields = metadata.infotext_to_kwargs(metadata.parse_infotext(infotext))
+    info = metadata.parse_infotext(infotext)
+    fields = metadata.infotext_to_kwargs(info) | refiner_fields(info)
     if "sampler" in fields:
         try:  # old combined names ("DPM++ 2M Karras") split into sampler + schedule
             fields["sampler"], fields["schedule"] = samplers.resolve(fields["sampler"], fields.get("schedule"))
@@ -51,6 +53,21 @@ def infotext_fields(infotext: str) -> dict[str, Any]:
             fields.pop("schedule", None)
     fields.pop("strength", None)  # txt2img has no denoising strength
     return fields
+
+
+def refiner_fields(info: dict[str, str]) -> dict[str, Any]:
+    """A1111's "Refiner: name [hash]" and "Refiner switch at: 0.8" -> the txt2img refiner fields (the name: the
+    dropdown's value; an unknown one is refused, with close names, when the image is generated)."""
+    title = info.get("Refiner", "").strip()
+    if not title:
+        return {}
+    match = TITLE.match(title)
+    out: dict[str, Any] = {"refiner": match.group(1) if match else title}
+    try:
+        out["refiner_switch_at"] = float(info["Refiner switch at"])
+    except (KeyError, ValueError):
+        pass
+    return out
 
 
 def selected_image(gallery: list | None, index: int | None) -> str | None:

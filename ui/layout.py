@@ -189,7 +189,7 @@ def _wire_png_info(ctx: Context, tab: Tab, t2i: Tab, tabs_block: gr.Tabs) -> Non
                       concurrency_limit=None)
     targets = [k for k in ("prompt", "negative_prompt", "sampler", "schedule", "steps", "guidance_scale", "seed",
                            "width", "height", "clip_skip", "hires_scale", "hires_strength", "hires_steps",
-                           "hires_upscaler", *control.pasted_names()) if k in t2i.fields]
+                           "hires_upscaler", "refiner", "refiner_switch_at", *control.pasted_names()) if k in t2i.fields]
 
     def send(text: str):
         values = convert.infotext_fields(text) | control.infotext_values(text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
+from typing import Any
 
 import gradio as gr
 
@@ -68,6 +69,21 @@ def wire_model_bar(ctx: Context, bar: ModelBar, concurrency_id: str) -> None:
     list_models.__doc__ = "The models folder's checkpoints and VAEs (rescanned) and the ones serving."
     gr.api(readable(switch_model), api_name="switch_model", concurrency_id=concurrency_id, concurrency_limit=slots)
     gr.api(readable(list_models), api_name="models", queue=False)
+
+
+def refiner_accordion(ctx: Context, name: str) -> dict[str, Any]:
+    """A1111's refiner (SDXL): a checkpoint of the models folder that takes over at "Switch at" of the steps
+    (`refiner`, `refiner_switch_at` of the txt2img handler); 🔄 rescans the folder."""
+    with gr.Accordion("Refiner", open=False, elem_id=f"{name}-refiner"):
+        with gr.Row(equal_height=True):
+            refiner = gr.Dropdown(ctx.models.refiner_choices(), value=models.NO_REFINER, allow_custom_value=True,
+                                  label="Checkpoint (an SDXL refiner or base)", scale=4, elem_id=f"{name}-refiner-checkpoint")
+            refresh = gr.Button("🔄", scale=0, min_width=40, elem_id=f"{name}-refiner-refresh")
+        switch_at = gr.Slider(0.01, 0.99, value=0.8, step=0.01, label="Switch at (fraction of the steps)",
+                              elem_id=f"{name}-refiner-switch-at")
+    refresh.click(readable(lambda: gr.Dropdown(choices=ctx.models.refiner_choices())), None, refiner, queue=False,
+                  api_visibility="private")
+    return {"refiner": refiner, "refiner_switch_at": switch_at}
 
 
 @dataclass

@@ -21,6 +21,11 @@ the serving checkpoint is hashed on a background thread after it loads (through 
 cache, `ldm-hashes.json`, so the next start knows it), others show a hash only if that cache has it. No
 listing or request waits for a hash.
 
+The txt2img refiner (SDXL) is a checkpoint too: `refiner(name)` reuses a loaded one (the serving checkpoint,
+or one kept by `max_loaded`) and otherwise loads it with the same loader into one refiner slot, kept for the
+next request until another refiner is chosen. So with a refiner in use the memory holds the serving model,
+the refiner, and any others `max_loaded` keeps.
+
 The handlers at the end (`switch_model`, `model_choices`) are the UI's and the API's (`/switch_model`).
 """
 from __future__ import annotations
@@ -34,12 +39,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ldm.faults import free_memory
+from ldm.loading import checkpoint_family
 
 if TYPE_CHECKING:
     from .state import Context
 
 log = logging.getLogger(__name__)
 AUTOMATIC = "Automatic"
+NO_REFINER = "None"
+REFINER_FAMILIES = ("sdxl", "sdxl-refiner")  # what can refine an SDXL image (ldm.extensions.refiner)
 TITLE = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")  # A1111's "name [hash]"
 
 
@@ -71,6 +79,8 @@ class Models:
         self.loaded: OrderedDict[str, Any] = OrderedDict({self.checkpoint: pipe})  # most recently used last
         self.lock = threading.Lock()  # one switch at a time
         self.hashes: dict[str, str] = {}  # checkpoint name -> short hash, filled by `_hash_later`
+        self.refiner_slot: tuple[str, Any] | None = None  # (name, pipeline) of the last refiner loaded
+        self.refiner_lock = threading.Lock()
         self._hash_later(self.checkpoint, pipe)
 
     # ---- what can be chosen -----------------------------------------------------------------------
@@ -92,6 +102,33 @@ class Models:
     def title(self, name: str) -> str:
         """A1111's title of one checkpoint: "name [hash]" when the hash is known, else the name."""
         return self._title(name, self._entry(name))
+
+    def refiner_choices(self) -> list[tuple[str, str]]:
+        """(title, name) of the checkpoints that can refine SDXL images (SDXL refiners and bases), read from their
+        folder layout or file header; "None" first."""
+        paths = {e.name: e.path for e in self.library.checkpoints} if self.library is not None else {}
+        paths = {**{n: s for n, s in self.specs.items() if n not in paths}, **paths}
+        return [(NO_REFINER, NO_REFINER), *((t, n) for t, n in self.titled()
+                                            if checkpoint_family(paths.get(n, n)) in REFINER_FAMILIES)]
+
+    def refiner(self, name: str) -> Any:
+        """The pipeline of checkpoint `name` to use as a refiner (see the module's note on memory)."""
+        name = self.resolve(name)
+        if name in self.loaded:
+            return self.loaded[name]
+        with self.refiner_lock:
+            if self.refiner_slot is not None and self.refiner_slot[0] == name:
+                return self.refiner_slot[1]
+            self._check_name(name)  # an unknown name lists close ones
+            self.refiner_slot = None  # the previous refiner goes before the next loads
+            free_memory()
+            try:
+                pipe = self.loader(self.specs[name])
+            except Exception as exc:  # noqa: BLE001 - any failure is the request's error; the base still serves
+                raise LoadFailed(f"could not load refiner {name}: {exc}") from None
+            self.refiner_slot = (name, pipe)
+            log.info("loaded refiner %s", name)
+            return pipe
 
     def resolve(self, text: str) -> str:
         """A checkpoint as A1111 clients give it (title "name [hash]", name, or short hash) -> its name here;

@@ -16,11 +16,13 @@ from PIL import Image
 
 import ldm
 from ldm import metadata, samplers
+from ldm.extensions.refiner import check_base
 from ldm.params import MAX_SEED
 
 from . import choices, control
 from .backend import Call
 from .convert import as_int, load_upload, size_or_none
+from .models import NO_REFINER
 from .state import Context
 from .streaming import Output, Step, StepCallback, preview_colours, stream_call
 
@@ -119,8 +121,8 @@ def txt2img(ctx: Context, prompt: str = "", negative_prompt: str = "", sampler: 
             schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20, guidance_scale: float = 7.0,
             width: int | None = None, height: int | None = None, seed: int = -1, batch_size: int = 1,
             batch_count: int = 1, clip_skip: int = 1, hires_scale: float = 1.0, hires_strength: float = 0.5,
-            fast: bool = False, *, session: str = "", user: str | None = None,
-            **controlnet) -> Iterator[Step | Output]:
+            fast: bool = False, refiner: str = NO_REFINER, refiner_switch_at: float = 0.8, *, session: str = "",
+            user: str | None = None, **controlnet) -> Iterator[Step | Output]:
     pipe = ctx.pipes.base
     settings = sampling(steps, guidance_scale, sampler, schedule, clip_skip)
     settings.update(width=None if width is None else as_int("width", width),  # 0 is refused by ldm
@@ -130,6 +132,10 @@ def txt2img(ctx: Context, prompt: str = "", negative_prompt: str = "", sampler: 
         settings["fast"] = True
     if hires_scale and float(hires_scale) > 1:
         settings.update(hires_scale=float(hires_scale), hires_strength=float(hires_strength))
+    if refiner and refiner != NO_REFINER:  # an SDXL checkpoint runs the last steps; what ldm refuses, before it loads
+        check_base(pipe, float(refiner_switch_at), hires="hires_scale" in settings,
+                   control=any(u.enabled for u in control.unit_values(controlnet)))
+        settings.update(refiner=ctx.models.refiner(refiner), refiner_switch_at=float(refiner_switch_at))
     settings.update(control.keywords(ctx, pipe, controlnet))
 
     def call(seed: int, callback: StepCallback):

@@ -17,6 +17,7 @@ from ldm import samplers
 
 from . import choices
 from .control_widgets import control_accordion
+from .model_widgets import refiner_accordion
 from .errors import readable
 from .state import Context
 from .streaming import Output, Step, done_text, progress_text
@@ -178,6 +179,7 @@ def txt2img_tab(ctx: Context) -> Tab:
                                              elem_id="txt2img-hires-scale")
                 f["hires_strength"] = gr.Slider(0.05, 1, value=0.5, step=0.01, label="Denoising strength",
                                                 elem_id="txt2img-hires-strength")
+            f |= refiner_accordion(ctx, "txt2img")
             f |= control_accordion(ctx, "txt2img", (f["width"], f["height"]), uses_tab_image=False)
         with gr.Column(scale=1, elem_classes=["ldm-results"]):
             results = results_panel("txt2img")

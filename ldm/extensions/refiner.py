@@ -20,19 +20,31 @@ from ..denoise import Extension, StepInfo
 from ..prompt_tags import extract_loras
 
 
-def check_refiner(model, refiner, switch_at) -> None:
-    """Refuse what cannot work, before any model work: both models must be SDXL (one latent space)."""
+def check_base(model, switch_at, *, hires: bool = False, control: bool = False) -> None:
+    """What can be refused before a refiner is even loaded: the switch point, a model that is not SDXL, and
+    what the refiner does not combine with yet (the hires fix, ControlNet)."""
+    if hires or control:
+        raise ValueError("the refiner with the hires fix or ControlNet is not supported yet")
     if not isinstance(switch_at, (int, float)) or isinstance(switch_at, bool) or not 0 < switch_at < 1:
         raise ValueError(f"refiner_switch_at must be a fraction of the steps between 0 and 1 (e.g. 0.8), got {switch_at!r}")
-    for what, m in (("the model", model), ("the refiner", refiner)):
-        family = getattr(getattr(m, "family", None), "name", None)
-        if family != "sdxl":
-            name = getattr(m, "name", type(m).__name__)
-            kind = f"of the {family!r} family" if family else "not a loaded pipeline"
-            raise ValueError(f"a refiner needs SDXL models, but {what} ({name!r}) is {kind}; pass refiner=<an SDXL "
-                             "refiner or SDXL pipeline from ldm.load> with an SDXL model")
+    _require_sdxl("the model", model)
+
+
+def check_refiner(model, refiner, switch_at, *, hires: bool = False, control: bool = False) -> None:
+    """Refuse what cannot work, before any model work: both models must be SDXL (one latent space)."""
+    check_base(model, switch_at, hires=hires, control=control)
+    _require_sdxl("the refiner", refiner)
     if refiner.vae_scale_factor != model.vae_scale_factor or refiner.unet.config.in_channels != 4:
         raise ValueError(f"the refiner {refiner.name!r} does not share the model's 4-channel latent space")
+
+
+def _require_sdxl(what: str, m) -> None:
+    family = getattr(getattr(m, "family", None), "name", None)
+    if family != "sdxl":
+        name = getattr(m, "name", type(m).__name__)
+        kind = f"of the {family!r} family" if family else "not a loaded pipeline"
+        raise ValueError(f"a refiner needs SDXL models, but {what} ({name!r}) is {kind}; pass refiner=<an SDXL "
+                         "refiner or SDXL pipeline from ldm.load> with an SDXL model")
 
 
 class RefinerSwitch(Extension):
