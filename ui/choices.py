@@ -25,6 +25,13 @@ CONTROL_PREPROCESSORS: list[tuple[str, str]] = [(p.label, name) for name, p in l
 CONTROL_MODES: list[str] = list(ldm.CONTROL_MODES)
 CONTROL_RESIZE: list[tuple[str, str]] = [(label, name) for name, label in ldm.RESIZE_MODES.items()]
 
+# Hires fix upscalers (txt2img's and the Upscale tab's): (A1111's label, ldm's name) from ldm's table.
+HIRES_UPSCALERS: list[tuple[str, str]] = [(label, name) for name, label in ldm.HIRES_UPSCALERS.items()]
+# Shown instead of the x4 model's settings when none is loaded.
+NO_X4_MODEL = ("No x4 upscale model is loaded, so the model-based choice here is the hires fix (a redraw with the "
+               "base model). To add the \"x4 model\" method, start the app with `--upscale-model "
+               "stabilityai/stable-diffusion-x4-upscaler` (or a local copy of it).")
+
 UPSCALE_X4 = "x4 model"
 UPSCALE_HIRES = "hires fix"
 RESIZE_METHODS: tuple[str, ...] = tuple(ldm.RESAMPLERS)  # plain resizes by ldm.upscale_image

@@ -121,8 +121,10 @@ def txt2img(ctx: Context, prompt: str = "", negative_prompt: str = "", sampler: 
             schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20, guidance_scale: float = 7.0,
             width: int | None = None, height: int | None = None, seed: int = -1, batch_size: int = 1,
             batch_count: int = 1, clip_skip: int = 1, hires_scale: float = 1.0, hires_strength: float = 0.5,
-            fast: bool = False, refiner: str = NO_REFINER, refiner_switch_at: float = 0.8, *, session: str = "",
-            user: str | None = None, **controlnet) -> Iterator[Step | Output]:
+            hires_upscaler: str = "latent", hires_steps: int = 0, fast: bool = False, refiner: str = NO_REFINER,
+            refiner_switch_at: float = 0.8, *, session: str = "", user: str | None = None,
+            **controlnet) -> Iterator[Step | Output]:
+    """hires_upscaler: a key of ldm.HIRES_UPSCALERS; hires_steps 0 = as many as the first pass."""
     pipe = ctx.pipes.base
     settings = sampling(steps, guidance_scale, sampler, schedule, clip_skip)
     settings.update(width=None if width is None else as_int("width", width),  # 0 is refused by ldm
@@ -131,7 +133,8 @@ def txt2img(ctx: Context, prompt: str = "", negative_prompt: str = "", sampler: 
     if fast:  # ldm's opt-in fast preset (deep-feature reuse + guidance truncation)
         settings["fast"] = True
     if hires_scale and float(hires_scale) > 1:
-        settings.update(hires_scale=float(hires_scale), hires_strength=float(hires_strength))
+        settings.update(hires_scale=float(hires_scale), hires_strength=float(hires_strength),
+                        hires_upscaler=hires_upscaler, hires_steps=as_int("hires_steps", hires_steps) or None)
     if refiner and refiner != NO_REFINER:  # an SDXL checkpoint runs the last steps; what ldm refuses, before it loads
         check_base(pipe, float(refiner_switch_at), hires="hires_scale" in settings,
                    control=any(u.enabled for u in control.unit_values(controlnet)))
@@ -220,7 +223,8 @@ def upscale(ctx: Context, image: Any = None, method: str = "lanczos", scale: flo
             strength: float = 0.5, upscaler: str = "lanczos", sampler: str = samplers.DEFAULT_SAMPLER,
             schedule: str = samplers.DEFAULT_SCHEDULE, steps: int = 20, guidance_scale: float = 7.0, seed: int = -1,
             *, session: str = "", user: str | None = None) -> Iterator[Step | Output]:
-    """method: "x4 model" (a loaded x4 upscaler), "hires fix" (redraw with the base model), or a resize."""
+    """method: "x4 model" (a loaded x4 upscaler), "hires fix" (redraw with the base model), or a resize.
+    With an empty prompt the hires fix redraws with the image's own prompts (from its infotext)."""
     picture = load_upload(ctx, image)
     if method in choices.RESIZE_METHODS:
         return _resize(ctx, picture, image, method, scale, user)
@@ -242,6 +246,10 @@ def upscale(ctx: Context, image: Any = None, method: str = "lanczos", scale: flo
     else:
         pipe = ctx.pipes.base
         settings.update(scale=float(scale), strength=float(strength), upscaler=upscaler)
+        if not prompt.strip():  # the image's own prompts, as its infotext says, unless the user typed one
+            own = metadata.parse_infotext(_infotext_of(ctx, image) or "")
+            prompt = own.get("Prompt", "")
+            settings["negative_prompt"] = negative_prompt or own.get("Negative prompt", "")
 
         def call(seed: int, callback: StepCallback):
             return ctx.backend.run(pipe, Call("hires_fix", (picture, prompt), {"seed": seed, **settings}), callback)

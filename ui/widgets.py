@@ -12,7 +12,6 @@ from typing import Any
 
 import gradio as gr
 
-import ldm
 from ldm import samplers
 
 from . import choices
@@ -141,8 +140,8 @@ def clip_skip_field(pipe) -> gr.Slider:
     return gr.Slider(1, pipe.limits.max_clip_skip, value=1, step=1, label="Clip skip")
 
 
-def prompt_fields(name: str) -> dict[str, gr.Textbox]:
-    prompt = gr.Textbox(label="Prompt", lines=3, value="", placeholder="a red circle on a blue background",
+def prompt_fields(name: str, placeholder: str = "a red circle on a blue background") -> dict[str, gr.Textbox]:
+    prompt = gr.Textbox(label="Prompt", lines=3, value="", placeholder=placeholder,
                         elem_id=f"{name}-prompt")
     negative = gr.Textbox(label="Negative prompt", lines=2, value="", elem_id=f"{name}-negative")
     return {"prompt": prompt, "negative_prompt": negative}
@@ -179,6 +178,11 @@ def txt2img_tab(ctx: Context) -> Tab:
                                              elem_id="txt2img-hires-scale")
                 f["hires_strength"] = gr.Slider(0.05, 1, value=0.5, step=0.01, label="Denoising strength",
                                                 elem_id="txt2img-hires-strength")
+                with gr.Row():
+                    f["hires_upscaler"] = gr.Radio(choices.HIRES_UPSCALERS, value="latent", label="Upscaler",
+                                                   elem_id="txt2img-hires-upscaler")
+                    f["hires_steps"] = gr.Slider(0, min(150, pipe.limits.max_steps), value=0, step=1,
+                                                 label="Hires steps (0 = as the first pass)", elem_id="txt2img-hires-steps")
             f |= refiner_accordion(ctx, "txt2img")
             f |= control_accordion(ctx, "txt2img", (f["width"], f["height"]), uses_tab_image=False)
         with gr.Column(scale=1, elem_classes=["ldm-results"]):
@@ -240,24 +244,31 @@ def inpaint_tab(ctx: Context) -> Tab:
 
 
 def upscale_tab(ctx: Context) -> Tab:
+    """Only what is loaded is offered: without an x4 model its method, tile and noise settings are not
+    shown (they keep their defaults for the API) and a note says how to load one."""
     pipe = ctx.pipes.base
-    methods = choices.upscale_methods(ctx.pipes.upscale is not None)
+    x4 = ctx.pipes.upscale is not None
+    methods = choices.upscale_methods(x4)
     with gr.Row():
         with gr.Column(scale=1, elem_classes=["ldm-inputs"]):
             f = {"image": image_field("upscale")}
-            default = choices.UPSCALE_X4 if choices.UPSCALE_X4 in methods else "lanczos"
-            f["method"] = gr.Radio(methods, value=default, label="Method")
-            f["scale"] = gr.Slider(1, 8, value=2, step=0.25, label="Scale (the x4 model is always 4)")
+            default = choices.UPSCALE_X4 if x4 else "lanczos"
+            f["method"] = gr.Radio(methods, value=default, label="Method", elem_id="upscale-method")
+            f["scale"] = gr.Slider(1, 8, value=2, step=0.25, label="Scale (the x4 model is always 4)" if x4 else "Scale",
+                                   elem_id="upscale-scale")
             go, stop = action_buttons("upscale", "Upscale")
-            with gr.Accordion("Model-based methods (x4 model, hires fix)", open=False):
-                f |= prompt_fields("upscale")
-                with gr.Row():
+            if not x4:
+                gr.Markdown(choices.NO_X4_MODEL, elem_id="upscale-no-x4")
+            with gr.Accordion("Model-based methods (x4 model, hires fix)" if x4 else "Hires fix settings", open=False):
+                f |= prompt_fields("upscale", "empty: the image's own prompt, from its parameters")
+                with gr.Row(visible=x4):
                     f["tile_size"] = gr.Slider(0, 1024, value=0, step=pipe.limits.size_step, label="Tile size (0 = auto)")
                     f["tile_overlap"] = gr.Slider(0, 256, value=32, step=8, label="Tile overlap")
                 with gr.Row():
                     f["noise_level"] = noise_level_field(ctx.pipes.upscale)
-                    f["strength"] = gr.Slider(0.01, 1, value=0.5, step=0.01, label="Denoising strength (hires fix)")
-                f["upscaler"] = gr.Radio(list(ldm.HIRES_UPSCALERS), value="lanczos", label="Hires fix upscaler")
+                    f["strength"] = gr.Slider(0.01, 1, value=0.5, step=0.01,
+                                              label="Denoising strength (hires fix)" if x4 else "Denoising strength")
+                f["upscaler"] = gr.Radio(choices.HIRES_UPSCALERS, value="lanczos", label="Hires fix upscaler")
                 f |= sampler_fields(pipe, "upscale")
                 f["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1)
         with gr.Column(scale=1, elem_classes=["ldm-results"]):

@@ -1,0 +1,91 @@
+"""Upscaling as a person meets it (issue 17 item 13): txt2img's hires fix lets them pick the upscaler;
+the Upscale tab offers only what is loaded (no x4 model: no x4 labels, a note on how to load one) and
+its hires fix redraws with the image's own prompt unless one is typed. Headless Chromium, tiny model.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+from PIL import Image
+from conftest import CHROMIUM, free_port
+
+pytestmark = pytest.mark.browser
+
+if not CHROMIUM.exists():
+    pytest.skip(f"browser tests need Chromium at {CHROMIUM}", allow_module_level=True)
+pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
+
+
+@pytest.fixture(scope="module")
+def url(base_pipe, tmp_path_factory):
+    from ui import build
+    from ui.state import Options, Pipes
+
+    demo = build(Pipes(base_pipe), Options(outputs=tmp_path_factory.mktemp("upscale-outputs"), preview_every=0))
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+    time.sleep(0.3)
+
+
+def wait_done(page, tab: str) -> str:
+    page.wait_for_function(f"/^(Done|Failed)/.test(document.querySelector('#{tab}-status textarea').value)",
+                           timeout=120_000)
+    status = page.input_value(f"#{tab}-status textarea")
+    assert status.startswith("Done"), status
+    return page.input_value(f"#{tab}-info textarea")
+
+
+def test_txt2img_hires_fix_uses_the_chosen_upscaler(page):
+    set_number(page, "txt2img-steps", 2)
+    page.fill("#txt2img-prompt textarea", "a red circle")
+    page.get_by_text("Hires fix", exact=True).click()
+    page.locator("#txt2img-hires-scale input[type=number]").wait_for(timeout=10_000)
+    set_number(page, "txt2img-hires-scale", 2)
+    set_number(page, "txt2img-hires-steps", 2)
+    page.locator("#txt2img-hires-upscaler").get_by_text("Lanczos").click()
+    page.click("#txt2img-generate")
+    info = wait_done(page, "txt2img")
+    assert "Hires upscaler: Lanczos" in info and "Hires steps: 2" in info
+
+
+def test_upscale_tab_offers_only_what_is_loaded(page):
+    page.get_by_role("tab", name="Upscale").click()
+    note = page.locator("#upscale-no-x4")
+    note.wait_for(timeout=10_000)
+    assert "--upscale-model" in note.inner_text()
+    methods = page.locator("#upscale-method").inner_text()
+    assert "hires fix" in methods and "x4" not in methods
+    assert "x4" not in page.locator("#upscale-scale").inner_text()
+
+
+def test_upscale_hires_fix_takes_the_images_own_prompt(page, tmp_path):
+    from ldm import metadata
+
+    source = tmp_path / "own.png"
+    metadata.save_png(Image.new("RGB", (32, 32), (20, 20, 200)), source,
+                      "a blue square\nNegative prompt: blurry\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 32x32")
+    page.get_by_role("tab", name="Upscale").click()
+    page.locator("#upscale-image input[type=file]").set_input_files(str(source))
+    page.wait_for_selector("#upscale-image img", timeout=10_000)
+    page.locator("#upscale-method").get_by_text("hires fix").click()
+    page.get_by_text("Hires fix settings", exact=True).click()
+    page.locator("#upscale-steps input[type=number]").wait_for(timeout=10_000)
+    set_number(page, "upscale-steps", 2)
+    page.click("#upscale-generate")
+    info = wait_done(page, "upscale")
+    assert info.startswith("a blue square\nNegative prompt: blurry\n"), info
+
+    # A typed prompt wins.
+    page.fill("#upscale-prompt textarea", "a green circle")
+    page.click("#upscale-generate")
+    page.wait_for_function("document.querySelector('#upscale-info textarea').value.startsWith('a green circle')",
+                           timeout=120_000)
