@@ -1,0 +1,58 @@
+"""Saving in JPEG or WebP (issue 17 item 8, --save-format): the file carries its infotext in the EXIF
+UserComment as A1111 writes it (`UNICODE\\0` + UTF-16), the gallery and the history show it, and PNG
+info reads it back. Headless Chromium on the tiny model."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from PIL import Image
+from conftest import CHROMIUM, free_port
+
+pytestmark = pytest.mark.browser
+
+if not CHROMIUM.exists():
+    pytest.skip(f"browser tests need Chromium at {CHROMIUM}", allow_module_level=True)
+pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
+
+
+@pytest.fixture(scope="module")
+def app(base_pipe, tmp_path_factory):
+    from ui import build
+    from ui.state import Options, Pipes
+
+    outputs = tmp_path_factory.mktemp("webp-outputs")
+    demo = build(Pipes(base_pipe), Options(outputs=outputs, preview_every=0, save_format="webp"))
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield {"url": f"http://127.0.0.1:{port}/", "outputs": outputs}
+    demo.close()
+
+
+@pytest.fixture
+def url(app):
+    return app["url"]
+
+
+def test_webp_outputs_carry_their_parameters_in_exif(page, app):
+    box = page.locator("#txt2img-steps input[type=number]")
+    box.fill("2")
+    box.press("Enter")
+    time.sleep(0.3)
+    page.fill("#txt2img-prompt textarea", "a webp circle")
+    page.click("#txt2img-generate")
+    page.wait_for_function("document.querySelector('#txt2img-status textarea').value.startsWith('Done')",
+                           timeout=120_000)
+    saved = list(app["outputs"].rglob("*.*"))
+    assert len(saved) == 1 and saved[0].suffix == ".webp", saved
+    raw = Image.open(saved[0]).getexif().get_ifd(0x8769)[0x9286]
+    assert raw.startswith(b"UNICODE\0") and raw[8:].decode("utf-16-be").startswith("a webp circle\n")
+
+    page.get_by_role("tab", name="PNG info").click()
+    page.locator("#png-info-image input[type=file]").set_input_files(str(saved[0]))
+    page.wait_for_function("document.querySelector('#png-info-text textarea').value.startsWith('a webp circle')",
+                           timeout=20_000)
+
+    page.get_by_role("tab", name="History").click()
+    page.wait_for_function("document.querySelector('#history-page').innerText.includes('1 image(s)')", timeout=20_000)
+    page.wait_for_selector("#history-gallery img", timeout=10_000)
