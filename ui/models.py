@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -81,6 +82,7 @@ class Models:
         self.hashes: dict[str, str] = {}  # checkpoint name -> short hash, filled by `_hash_later`
         self.refiner_slot: tuple[str, Any] | None = None  # (name, pipeline) of the last refiner loaded
         self.refiner_lock = threading.Lock()
+        self._families: dict[tuple, str | None] = {}  # (path, mtime, size) -> checkpoint_family: headers read once
         self._hash_later(self.checkpoint, pipe)
 
     # ---- what can be chosen -----------------------------------------------------------------------
@@ -108,8 +110,17 @@ class Models:
         folder layout or file header; "None" first."""
         paths = {e.name: e.path for e in self.library.checkpoints} if self.library is not None else {}
         paths = {**{n: s for n, s in self.specs.items() if n not in paths}, **paths}
-        return [(NO_REFINER, NO_REFINER), *((t, n) for t, n in self.titled()
-                                            if checkpoint_family(paths.get(n, n)) in REFINER_FAMILIES)]
+        return [(NO_REFINER, NO_REFINER), *((t, n) for t, n in self.titled() if self._family(paths.get(n, n)) in REFINER_FAMILIES)]
+
+    def _family(self, path: Any) -> str | None:
+        try:
+            st = os.stat(path)
+        except OSError:  # a hub id or a file gone: not offered
+            return None
+        key = (str(path), st.st_mtime_ns, st.st_size)
+        if key not in self._families:
+            self._families[key] = checkpoint_family(path)
+        return self._families[key]
 
     def refiner(self, name: str) -> Any:
         """The pipeline of checkpoint `name` to use as a refiner (see the module's note on memory)."""
