@@ -4,5 +4,6 @@ from .blend import KnownAreaBlend
 from .control import ControlResiduals
 from .fast import FastPreset
 from .inputs import UNetInputs
+from .tome import TokenMerging
 
-__all__ = ["ControlResiduals", "FastPreset", "KnownAreaBlend", "UNetInputs"]
+__all__ = ["ControlResiduals", "FastPreset", "KnownAreaBlend", "TokenMerging", "UNetInputs"]

@@ -58,6 +58,24 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+# The flags that decide which kernels run: AVX2-only CPUs get fp32, AVX-512 BF16 / AMX ones a bf16 U-Net.
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> str:
+    """Which of SPEED_FLAGS this CPU reports (e.g. "avx2 fma"), or "none"."""
+    try:
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    return " ".join(f for f in SPEED_FLAGS if f in flags) or "none"
+
+
 def load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -70,6 +88,7 @@ def machine(device: torch.device) -> dict[str, str]:
 
     info = {
         "CPU": cpu_model(),
+        "CPU flags": cpu_flags(),
         "cores visible": str(os.cpu_count()),
         "torch threads": str(torch.get_num_threads()),
         "torch": torch.__version__,

@@ -27,6 +27,7 @@ class Settings:
 @dataclass
 class Sample:
     seconds: float  # end to end: prompt encoding, loop, VAE decode, PIL conversion
+    cpu_seconds: float  # process CPU time of the same span (all threads): steadier than wall time on a shared machine
     step_seconds: list[float]  # wall time between consecutive step callbacks
     decode_seconds: float
     peak_bytes: int | None
@@ -73,12 +74,12 @@ def _timed(run: Callable[[Callable[[], None]], Image.Image], vae, device: torch.
     before = measure.rss_bytes()
     measure.reset_peak(device)
     with _DecodeTimer(vae, device) as dec:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         image = run(tick)
         measure.sync(device)
-        seconds = time.perf_counter() - t
+        seconds, cpu = time.perf_counter() - t, time.process_time() - c
     steps = [b - a for a, b in zip(marks, marks[1:])]
-    return Sample(seconds, steps, dec.total, measure.peak_bytes(device), before, image)
+    return Sample(seconds, cpu, steps, dec.total, measure.peak_bytes(device), before, image)
 
 
 def run_ours(pipe, s: Settings, *, fast: bool = False) -> Sample:
