@@ -8,14 +8,13 @@ api_name="/txt2img")`. Every input widget has a value, so every parameter but th
 """
 from __future__ import annotations
 
-import html
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
 
-from . import control, convert, editor, history, page, tasks
+from . import control, convert, editor, header, history, page, tasks
 from .endpoints import api_params, endpoint, int_params, plain
 from .errors import explain, readable
 from .gradio_compat import attach_context, blocks, check_image_headers, describe_api, readable_errors
@@ -122,9 +121,10 @@ def build(pipes: Pipes, options: Options | None = None, models: Models | None = 
         preview_colours(pipes.base)
     with blocks(title="ldm — text to image", delete_cache=cache_policy(ctx.options.cache_max_age), css=page.CSS,
                 head=page.KEYS_JS) as demo:
-        gr.Markdown("### ldm"
-                    + (f" · inpaint `{html.escape(str(pipes.inpaint.name))}`" if pipes.inpaint else "")
-                    + (f" · upscale `{html.escape(str(pipes.upscale.name))}`" if pipes.upscale else ""))
+        gr.Markdown("### ldm")
+        # Model, family, native size (and the demo model's note), read at each page load: follows switches.
+        gr.Markdown(lambda: header.model_line(ctx.pipes.base, ctx.pipes.inpaint, ctx.pipes.upscale),
+                    elem_id="model-header")
         bar = model_bar(ctx)
         with gr.Tabs() as tabs_block:
             with gr.Tab("txt2img", id="txt2img"):

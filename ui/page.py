@@ -2,7 +2,7 @@
 
 * Ctrl+Enter (Cmd+Enter) in any prompt box clicks that tab's Generate button; Esc clicks its Stop
   button while that tab is running (its status line says "Running" or "Step").
-* Tooltips (and accessible names) on the unlabelled 🎲 / ♻️ seed buttons.
+* Tooltips (and accessible names) on the unlabelled 🎲 / ♻️ seed buttons and the models bar's 🔄.
 * A generation click says "Queued" in the status line at once (`QUEUED_JS`).
 * Gallery pictures are shown whole (`object-fit: contain`), not cropped to square tiles.
 * On a narrow screen (a phone) the results come right after a tab's Generate/Stop row, before the
@@ -35,7 +35,8 @@ KEYS_JS = """
   };
   const visible = (el) => el && el.offsetParent !== null;
   const TITLES = {'-random-seed': 'Random seed (-1: a new one each run)',
-                  '-reuse-seed': 'Reuse the seed of the selected image'};
+                  '-reuse-seed': 'Reuse the seed of the selected image',
+                  'model-refresh': 'Rescan the models folder for checkpoints and VAEs'};
   const label = () => {
     for (const [suffix, title] of Object.entries(TITLES)) {
       for (const el of document.querySelectorAll('button[id$="' + suffix + '"]:not([title])')) {
