@@ -239,3 +239,15 @@ def test_bundled_sd2_configs_have_the_real_shapes():
 def test_tiny_sd2_file_on_the_real_bundled_config_fails_by_name(sd2, no_hub):
     with pytest.raises(ModelLoadError, match=r"do not fit the config in .*configs/sd2"):
         ldm.load(sd2[1], device="cpu", dtype="float32")
+
+
+def test_checkpoint_family_reads_only_the_header(sd2, tmp_path):
+    from ldm.loading import checkpoint_family
+
+    folder, file, _ = sd2
+    assert checkpoint_family(file) == "sd2" and checkpoint_family(folder) == "sd"
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(lora))
+    pickle = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {}}, pickle)
+    assert checkpoint_family(lora) is None and checkpoint_family(pickle) is None and checkpoint_family(tmp_path / "x") is None
