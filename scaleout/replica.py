@@ -122,6 +122,3 @@ class Generator:
                 yield Failed(exc)
         finally:
             stop.set()  # the stream was cancelled or closed (Stop): the run ends at its next step
-
-    def pid(self) -> int:
-        return os.getpid()

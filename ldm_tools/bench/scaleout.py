@@ -88,6 +88,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3, help="bursts per configuration, alternating between them")
     p.add_argument("--overhead-runs", type=int, default=6)
     p.add_argument("--outputs", default="/tmp/ldm-bench-scaleout")
     a = p.parse_args(argv)
@@ -95,31 +96,33 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; flags: {cpu_flags()}; torch {torch.__version__} capability "
           f"{torch.backends.cpu.get_cpu_capability()}; load average {load_average()} (shared, loaded machine)")
-    print(f"demo model, 64x64, {a.steps} steps, Euler a; {a.requests} requests sent at once; in process uses torch's "
-          f"default threads ({torch.get_num_threads()}), each replica 1 CPU (1 thread)\n")
+    print(f"demo model, 64x64, {a.steps} steps, Euler a; bursts of {a.requests} requests sent at once, {a.rounds} rounds "
+          f"alternating between the servers (all running); in process uses torch's default threads "
+          f"({torch.get_num_threads()}) or 1; each replica 1 CPU (Ray sets 1 thread)\n")
     one = {"OMP_NUM_THREADS": "1"}  # what Ray gives a 1-CPU replica
     ray1 = ("--backend", "ray", "--replicas", "1", "--cpus-per-replica", "1")
     configs = {"in process": ((), None), "in process, 1 thread": ((), one), "ray, 1 replica": (ray1, None),
                "ray, 2 replicas": (("--backend", "ray", "--replicas", "2", "--cpus-per-replica", "1"), None)}
-    rows = {}
-    for name, (flags, env) in configs.items():
-        server = Server(*flags, outputs=out, env=env)
-        try:
-            server.txt2img(0, 2)  # warm-up (first-request costs: preview colours, routing)
-            rss = server.rss_mb()
-            rate = server.burst(a.requests, a.steps)
-            rows[name] = (server.startup, rss, rate)
-            print(f"{name:20s} start-up {server.startup:6.1f} s   RSS {rss:7.0f} MB   {rate:6.1f} requests/min", flush=True)
-        finally:
-            server.close()
-    base = rows["in process, 1 thread"][2]
-    print("\nthroughput vs in process on 1 thread: " + ", ".join(f"{k} x{v[2] / base:.2f}" for k, v in rows.items()))
-    # Overhead: one request at a time, alternating between the two servers (both idle otherwise); the
-    # in-process server computes on one thread too, as the 1-CPU replica does (Ray sets OMP_NUM_THREADS).
-    inproc, ray = Server(outputs=out, env=one), Server(*ray1, outputs=out)
+    servers: dict[str, Server] = {}
     try:
-        for s in (inproc, ray):
-            s.txt2img(0, 2)
+        for name, (flags, env) in configs.items():  # one at a time, so start-up times do not overlap
+            server = servers[name] = Server(*flags, outputs=out, env=env)
+            server.txt2img(0, 2)  # warm-up (first-request costs: preview colours, routing)
+            print(f"{name:20s} start-up {server.startup:6.1f} s   RSS {server.rss_mb():7.0f} MB (app + its Ray processes)",
+                  flush=True)
+        rates: dict[str, list[float]] = {name: [] for name in servers}
+        for r in range(a.rounds):
+            order = list(servers) if r % 2 == 0 else list(reversed(servers))
+            for name in order:
+                rates[name].append(servers[name].burst(a.requests, a.steps))
+        base = statistics.median(rates["in process, 1 thread"])
+        print()
+        for name, got in rates.items():
+            rate = statistics.median(got)
+            print(f"{name:20s} {rate:6.1f} requests/min (median of {', '.join(f'{x:.1f}' for x in got)})  "
+                  f"x{rate / base:.2f} vs in process on 1 thread", flush=True)
+        # Overhead: one request at a time, alternating; both compute on one thread.
+        inproc, ray = servers["in process, 1 thread"], servers["ray, 1 replica"]
         diffs, times = [], {"in process": [], "ray": []}
         for i in range(a.overhead_runs):
             pair = [(inproc, "in process"), (ray, "ray")]
@@ -133,8 +136,8 @@ def main(argv=None) -> None:
               f"{statistics.median(times['in process']):.2f} s, ray {statistics.median(times['ray']):.2f} s, "
               f"overhead {statistics.median(diffs) * 1000:+.0f} ms per request")
     finally:
-        inproc.close()
-        ray.close()
+        for server in servers.values():
+            server.close()
 
 
 if __name__ == "__main__":
