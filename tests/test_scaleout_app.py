@@ -1,0 +1,61 @@
+"""`python app.py --backend ray --replicas 2` as users start it, on this 2-core box without a GPU: it
+starts (replicas take CPUs), serves a request through a replica, and on Ctrl+C (SIGINT, as `docker stop`)
+stops every Ray process it started. Slow (`pytest -m slow`)."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("ray", reason="the Ray backend needs requirements-ray.txt")
+psutil = pytest.importorskip("psutil")
+requests = pytest.importorskip("requests")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_app_starts_serves_and_stops_its_ray(tmp_path):
+    port = free_port()
+    log = (tmp_path / "app.log").open("w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--backend", "ray", "--replicas", "2", "--port", str(port),
+                             "--no-save", "--models-dir", str(tmp_path / "models")], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+    tree: list = []
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/sdapi/v1/options", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "app.py --backend ray did not start in 10 min"
+            time.sleep(0.5)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in tree if p.is_running())
+        assert names.count("ServeReplica:ldm-base") == 2 and "raylet" in names  # its own local Ray, 2 replicas
+        flags = requests.get(f"http://127.0.0.1:{port}/sdapi/v1/cmd-flags", timeout=10).json()
+        assert (flags["backend"], flags["replicas"], flags["device"]) == ("ray", 2, "cpu")
+        r = requests.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", timeout=300,
+                          json={"prompt": "a red cube", "steps": 3, "seed": 1, "width": 64, "height": 64})
+        assert r.status_code == 200 and len(r.json()["images"]) == 1
+        log_text = (tmp_path / "app.log").read_text()
+        assert "Ray Serve, 2 replica(s) per model kind, local Ray on 127.0.0.1" in log_text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        gone, alive = psutil.wait_procs(tree, timeout=60)
+        for p in alive:
+            p.kill()
+    assert not alive, f"Ray processes left after the app stopped: {[p.pid for p in alive]}"
