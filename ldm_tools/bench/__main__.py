@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", action="store_true", help="also update the matching block of docs/performance.md")
     p.add_argument("--note", default="", help="conditions to state in the report, e.g. other jobs running")
     p.add_argument("--skip-fast", action="store_true")
+    p.add_argument("--opt-in", action="store_true", help="also time token merging and the TAESD approximate decode (random TAESD weights)")
+    p.add_argument("--channels-last", action="store_true", help="also time ours with channels_last U-Net weights")
     p.add_argument("--tag", default="", help="suffix for the output files and the docs block")
     p.add_argument("--skip-same-dtype", action="store_true", help="do not time ours in diffusers' dtype (saves a slow fp32 run)")
     p.add_argument("--vae-tiling", type=int, default=None, metavar="PX", help="only measure a tiled VAE decode of PX x PX")
@@ -130,12 +132,16 @@ class _Bench:
         # opt-in configurations: name -> (the configuration it is compared with, target)
         self.extras = {self.fast_name: (self.default, ">= 1.6")} if fast else {}
 
+    def add(self, name: str, run, base: str, target: str) -> None:
+        self.configs[name] = run
+        self.extras[name] = (base, target)
+
     @classmethod
     def build(cls, args, folder: Path, s, device) -> "_Bench":
         import ldm
         from ldm.devices import cpu_has_native_bf16
 
-        from .runners import diffusers_pipeline
+        from .runners import diffusers_pipeline, run_ours
 
         ref_dtype = "float16" if device.type == "cuda" else "float32"  # diffusers' default precision per device
         ours_ref = ldm.load(folder, device=device, dtype=ref_dtype)
@@ -143,7 +149,26 @@ class _Bench:
         auto = None
         if device.type == "cpu" and cpu_has_native_bf16():
             auto = ldm.load(folder, device=device, dtype="auto")
-        return cls(s, device, ours_ref, theirs, ref_dtype, auto, fast=not args.skip_fast, same=not args.skip_same_dtype)
+        b = cls(s, device, ours_ref, theirs, ref_dtype, auto, fast=not args.skip_fast, same=not args.skip_same_dtype)
+        if args.channels_last:
+            nhwc = ldm.load(folder, device=device, dtype=ref_dtype, channels_last=True)
+            b.add(f"ours {ref_dtype} channels_last", lambda: run_ours(nhwc, b.s), b.theirs_name, ">= 1.0")
+        if args.opt_in:
+            b.add_opt_in(args, ours_ref if auto is None else auto)
+        return b
+
+    def add_opt_in(self, args, pipe) -> None:
+        """Token merging (tomesd's default 0.5 at full resolution) and the TAESD decode, alone and with the fast preset."""
+        from ldm.extensions import TokenMerging
+
+        from .models import taesd_decoder_file
+        from .runners import run_ours
+
+        approx = pipe.with_approx_decode(taesd_decoder_file(args.out / "VAE-approx" / "taesd_decoder.safetensors"))
+        tome = (TokenMerging(0.5),)
+        self.add("ours + ToMe 0.5", lambda: run_ours(pipe, self.s, extensions=tome), self.default, "faster, quality stated")
+        self.add("ours + approx decode", lambda: run_ours(approx, self.s), self.default, "faster, quality stated")
+        self.add("ours + fast + ToMe + approx decode", lambda: run_ours(approx, self.s, fast=True, extensions=tome), self.theirs_name, ">= 2.5")
 
     def run(self, out: Path, repeats: int) -> dict[str, list]:
         from . import measure
@@ -153,7 +178,7 @@ class _Bench:
         warm = Settings(width=self.s.width, height=self.s.height, steps=1)
         saved, self.s = self.s, warm
         try:
-            for name in {self.theirs_name, self.same, self.auto_name} - {None}:
+            for name in self.configs:
                 self.configs[name]()
         finally:
             self.s = saved
@@ -187,7 +212,8 @@ class _Bench:
     def diffs(self, first: dict) -> list[tuple[str, dict]]:
         from . import report
 
-        pairs = [(self.same, self.theirs_name), (self.auto_name, self.theirs_name), (self.fast_name, self.default)]
+        pairs = [(self.same, self.theirs_name), (self.auto_name, self.theirs_name),
+                 *((name, base) for name, (base, _) in self.extras.items())]
         return [(f"{a} vs {b}", report.image_diff(first[a], first[b])) for a, b in pairs if a and b]
 
 

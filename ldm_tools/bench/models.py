@@ -84,3 +84,22 @@ def ensure_sd15_folder(folder: Path, tokenizer: Path, seed: int = 0, width: floa
     (folder / "model_index.json").write_text(json.dumps(index))
     done.write_text(f"seed {seed} width {width}\n")
     return folder
+
+
+def taesd_decoder_file(path: Path, seed: int = 0) -> Path:
+    """A random TAESD decoder (diffusers' AutoencoderTiny default shape) saved in the original
+    taesd_decoder.safetensors layout, as a user would drop it into VAE-approx/ (no real weights here)."""
+    if path.exists():
+        return path
+    from diffusers import AutoencoderTiny
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    tiny = AutoencoderTiny().eval()
+    state = {}
+    for key, t in tiny.decoder.state_dict().items():
+        _, index, rest = key.split(".", 2)  # layers.<i>.<rest> -> <i + 1>.<rest> (item 0 is the clamp)
+        state[f"{int(index) + 1}.{rest}"] = t.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path

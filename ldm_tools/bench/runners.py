@@ -82,13 +82,17 @@ def _timed(run: Callable[[Callable[[], None]], Image.Image], vae, device: torch.
     return Sample(seconds, cpu, steps, dec.total, measure.peak_bytes(device), before, image)
 
 
-def run_ours(pipe, s: Settings, *, fast: bool = False) -> Sample:
+def run_ours(pipe, s: Settings, *, fast: bool = False, extensions: tuple = ()) -> Sample:
+    from ldm.extensions import FastPreset
+    from ldm.tasks import generate
+
     def run(tick):
         def callback(step, total, latents):
             tick()
 
-        r = pipe.txt2img(s.prompt, negative_prompt=s.negative_prompt, width=s.width, height=s.height, steps=s.steps,
-                         sampler=s.sampler, guidance_scale=s.guidance_scale, seed=s.seed, callback=callback, fast=fast)
+        exts = ((FastPreset(),) if fast else ()) + tuple(extensions)
+        r = generate.txt2img(pipe, s.prompt, negative_prompt=s.negative_prompt, width=s.width, height=s.height, steps=s.steps,
+                             sampler=s.sampler, guidance_scale=s.guidance_scale, seed=s.seed, callback=callback, extensions=exts)
         return r.images[0]
 
     return _timed(run, pipe.vae, pipe.device)
