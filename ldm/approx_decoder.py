@@ -52,7 +52,7 @@ def load_approx_decoder(path: str | os.PathLike, *, device: torch.device | str =
             model = AutoencoderTiny.from_pretrained(path, use_safetensors=True)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
             raise ModelLoadError(f"{path}: not a loadable AutoencoderTiny folder ({type(exc).__name__}: {str(exc)[:200]})") from None
-        return model.to(device=device, dtype=dtype).eval()
+        return _placed(model, device, dtype)
     if path.suffix != ".safetensors":
         raise ModelLoadError(f"{path}: approximate decoders are loaded from .safetensors files only (no pickles)")
     check_safetensors(path)
@@ -74,7 +74,12 @@ def load_approx_decoder(path: str | os.PathLike, *, device: torch.device | str =
     if missing:
         raise ModelLoadError(f"{path}: incomplete TAESD decoder, {len(missing)} tensors missing (e.g. {missing[0]})")
     model.decoder.load_state_dict(mapped)
-    return model.to(device=device, dtype=dtype).eval()
+    return _placed(model, device, dtype)
+
+
+def _placed(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    model = model.to(device)
+    return (model if model.dtype == dtype else model.to(dtype)).eval()  # diffusers warns on every .to(dtype)
 
 
 class ApproxDecodeVAE(torch.nn.Module):

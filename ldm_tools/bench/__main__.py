@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-same-dtype", action="store_true", help="do not time ours in diffusers' dtype (saves a slow fp32 run)")
     p.add_argument("--vae-tiling", type=int, default=None, metavar="PX", help="only measure a tiled VAE decode of PX x PX")
     p.add_argument("--tile", type=int, default=64, help="VAE tile in latent pixels for --vae-tiling")
+    p.add_argument("--suite", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: SD-1.5 512 px and SDXL 1024 px shapes in fp16, SDPA/xformers/channels_last/compile vs diffusers (needs --device cuda)")
+    p.add_argument("--sdxl-unet-rss", type=int, default=None, metavar="PX",
+                   help="only measure peak RSS and time of one guided SDXL-shaped U-Net step at PX x PX (random weights)")
     p.add_argument("--demo", type=Path, default=None, metavar="MODEL", help="only evaluate the demo model's accuracy: default vs fast vs auto dtype")
     p.add_argument("--demo-seeds", type=int, default=2)
     p.add_argument("--demo-seen", type=int, default=25, help="seen combinations to evaluate (all held-out ones are)")
@@ -60,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.demo:
         return _demo(args)
+    if args.sdxl_unet_rss:
+        return _sdxl_unet_rss(args)
+    if args.suite == "gpu":
+        return _gpu_suite(args)
     from .models import ensure_sd15_folder
 
     name, width = SHAPES[args.shape]
@@ -303,6 +311,46 @@ def _vae_tiling(args, folder: Path) -> int:
         from .report import update_docs
 
         update_docs(ROOT / "docs" / "performance.md", "vae-tiling", text)
+    return 0
+
+
+def _gpu_suite(args) -> int:
+    import torch
+
+    from . import gpu_suite
+    from .models import ensure_sd15_folder, ensure_sdxl_folder
+
+    gpu_suite.require_cuda(torch.device(args.device))  # before building GBs of weights
+    tok = ROOT / "ldm" / "configs" / "clip-tokenizer"
+    folders = {"sd15": ensure_sd15_folder(ROOT / "runs" / "bench" / "sd15-random", tok),
+               "sdxl": ensure_sdxl_folder(ROOT / "runs" / "bench" / "sdxl-random", tok)}
+    text = gpu_suite.run(args, folders, steps=args.steps or 20, repeats=args.repeats or 3)
+    _log(args.out, text)
+    return 0
+
+
+def _sdxl_unet_rss(args) -> int:
+    """One guided (batch 2) SDXL-shaped U-Net forward at PX, fp32 on the CPU: peak RSS of the process and time."""
+    import torch
+
+    from . import measure
+    from .models import sdxl_unet
+
+    unet = sdxl_unet(0)
+    h = args.sdxl_unet_rss // 8
+    x, emb = torch.randn(2, 4, h, h), torch.randn(2, 77, 2048)
+    added = {"text_embeds": torch.randn(2, 1280), "time_ids": torch.tensor([[args.sdxl_unet_rss] * 2 + [0, 0] + [args.sdxl_unet_rss] * 2] * 2, dtype=torch.float32)}
+    before = measure.rss_bytes()
+    measure.reset_peak(torch.device("cpu"))
+    t = time.perf_counter()
+    with torch.inference_mode():
+        unet(x, torch.tensor(500), encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)
+    seconds = time.perf_counter() - t
+    text = (f"**SDXL-shaped U-Net step {args.sdxl_unet_rss}x{args.sdxl_unet_rss}, fp32, CPU**\n\n- CPU {measure.cpu_model()} "
+            f"({measure.cpu_flags()}), threads {torch.get_num_threads()}, load average {measure.load_average()}\n"
+            f"- one guided U-Net call (batch 2): {seconds:.1f} s; peak RSS {measure.peak_bytes(torch.device('cpu')) / 1024**3:.2f} GB "
+            f"(weights {sum(p.numel() for p in unet.parameters()) * 4 / 1024**3:.2f} GB; {before / 1024**3:.2f} GB before the call)\n")
+    _log(args.out, text)
     return 0
 
 

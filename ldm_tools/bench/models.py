@@ -103,3 +103,73 @@ def taesd_decoder_file(path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
     return path
+
+
+# ---- SDXL shapes (stabilityai/stable-diffusion-xl-base-1.0's configs, random weights) --------------
+
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading",
+    "interpolation_type": "linear", "use_karras_sigmas": False, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "clip_sample": False, "sample_max_value": 1.0,
+}
+
+
+def sdxl_unet_config() -> dict:
+    return dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+
+
+def sdxl_unet(seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**sdxl_unet_config()).eval()
+
+
+def ensure_sdxl_folder(folder: Path, tokenizer: Path, seed: int = 0) -> Path:
+    """A random SDXL-base-shaped diffusers folder (~10 GB in fp32), built once (for the GPU suite)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    done = folder / ".complete"
+    if done.exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shutil.copytree(tokenizer, folder / "tokenizer")
+    shutil.copytree(tokenizer, folder / "tokenizer_2")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # OpenCLIP pads with "!" (id 0)
+        path = folder / "tokenizer_2" / name
+        if path.exists():
+            config = json.loads(path.read_text())
+            config["pad_token"] = "!"
+            path.write_text(json.dumps(config))
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    torch.manual_seed(seed)
+    CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                                 hidden_act="quick_gelu", pad_token_id=49407, **common)).save_pretrained(folder / "text_encoder")
+    CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                                               num_hidden_layers=32, hidden_act="gelu", projection_dim=1280, pad_token_id=0,
+                                               **common)).save_pretrained(folder / "text_encoder_2")
+    sdxl_unet(seed).save_pretrained(folder / "unet")
+    v = vae(seed)
+    v.register_to_config(scaling_factor=0.13025, force_upcast=True)
+    v.save_pretrained(folder / "vae")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER))
+    index = {
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1", "force_zeros_for_empty_prompt": True,
+        "tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+    done.write_text(f"seed {seed}\n")
+    return folder
