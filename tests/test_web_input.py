@@ -131,9 +131,11 @@ def call_raw(web, api: str, body: str, headers: dict | None = None) -> tuple[str
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_cfg_nan_and_infinity_sent_raw(web, client, model_calls, value):
-    # txt2img's inputs in order: prompt, negative, sampler, schedule, steps, cfg, width, height, seed,
-    # batch_size, batch_count, clip_skip, hires_scale, hires_strength, fast
-    event, data = call_raw(web, "txt2img", '{"data": ["x", "", "Euler", "Automatic", 1, %s, 32, 32, 1, 1, 1, 1, 1, 0.5, false]}' % value)
+    # txt2img's inputs in order, each at its listed default but these (the list grows with features)
+    params = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/txt2img"]["parameters"]
+    given = {"prompt": "x", "sampler": "Euler", "steps": 1, "width": 32, "height": 32, "seed": 1, "guidance_scale": "CFG"}
+    data = [given.get(p["parameter_name"], p["parameter_default"]) for p in params]
+    event, data = call_raw(web, "txt2img", json.dumps({"data": data}).replace('"CFG"', value))
     assert event == "error", (event, data)
     message = (json.loads(data) or {}).get("error") or ""
     assert "guidance_scale" in message or "maximum" in message or "minimum" in message, message
