@@ -22,14 +22,14 @@ from ldm.denoise import StepCallback
 
 BACKENDS = ("inprocess", "ray")  # app.py's --backend choices
 
-# The Pipeline tasks a Call may name: one table, read by both backends.
+# The Pipeline tasks a Call may name: one table, read by both backends (the pipeline's own bound methods).
 TASKS: dict[str, Callable[..., ldm.Result]] = {
-    "txt2img": ldm.Pipeline.txt2img,
-    "img2img": ldm.Pipeline.img2img,
-    "inpaint": ldm.Pipeline.inpaint,
-    "outpaint": ldm.Pipeline.outpaint,
-    "upscale": ldm.Pipeline.upscale,
-    "hires_fix": ldm.Pipeline.hires_fix,
+    "txt2img": lambda pipe, *args, **kwargs: pipe.txt2img(*args, **kwargs),
+    "img2img": lambda pipe, *args, **kwargs: pipe.img2img(*args, **kwargs),
+    "inpaint": lambda pipe, *args, **kwargs: pipe.inpaint(*args, **kwargs),
+    "outpaint": lambda pipe, *args, **kwargs: pipe.outpaint(*args, **kwargs),
+    "upscale": lambda pipe, *args, **kwargs: pipe.upscale(*args, **kwargs),
+    "hires_fix": lambda pipe, *args, **kwargs: pipe.hires_fix(*args, **kwargs),
 }
 
 
