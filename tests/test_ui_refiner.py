@@ -118,3 +118,37 @@ def test_refiner_over_the_named_api_and_png_info(root):
         assert "Refiner: xl-refiner [" in info and "Refiner switch at: 0.5" in info
     finally:
         demo.close()
+
+
+def test_refiner_over_the_a1111_rest_api(root):
+    """A1111's txt2img fields refiner_checkpoint / refiner_switch_at: the same picture as the UI's handler."""
+    import requests
+
+    from conftest import free_port
+    from ui import build, sdapi
+
+    ctx = make_ctx(root)
+    demo = build(ctx.pipes, ctx.options, ctx.models)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        sdapi.mount(demo.app, demo.ldm_context, sdapi.Settings())
+        url = f"http://127.0.0.1:{port}/sdapi/v1/txt2img"
+        body = {"prompt": KW["prompt"], "negative_prompt": "fog", "width": 32, "height": 32, "steps": 4, "seed": 3,
+                "sampler_name": "Euler", "cfg_scale": 7.0, "refiner_checkpoint": "xl-refiner", "refiner_switch_at": 0.5}
+        r = requests.post(url, json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        import base64
+        import io
+
+        from PIL import Image
+
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+        want = _open(run(ctx, refiner="xl-refiner", refiner_switch_at=0.5).images[0])
+        assert np.array_equal(got, want) and "Refiner: xl-refiner [" in r.json()["info"]
+        r = requests.post(url, json={**body, "refiner_switch_at": 1.5}, timeout=30)
+        assert r.status_code == 422 and "between 0 and 1" in r.json()["detail"]
+        r = requests.post(url, json={**body, "refiner_checkpoint": "None"}, timeout=120)
+        assert r.status_code == 200 and "Refiner" not in r.json()["info"]
+    finally:
+        demo.close()

@@ -21,11 +21,13 @@ from PIL import Image
 
 import ldm
 from ldm import metadata, samplers
+from ldm.extensions.refiner import check_base
 from ldm.images import load_image
 from ldm.masks import MaskedContent
 from ldm.params import MAX_SEED, GenerationParams
 
 from ..backend import Call
+from ..models import NO_REFINER
 from ..state import Context
 from ..streaming import StepCallback
 from . import controlnet
@@ -194,6 +196,10 @@ def plan_txt2img(ctx: Context, req: Txt2ImgRequest, defaults: dict[str, Any], *,
         if req.hr_prompt or req.hr_negative_prompt or req.hr_sampler_name:
             notes.append("hr_prompt, hr_negative_prompt and hr_sampler_name are ignored: the second pass uses the first's")
     with_controlnet(ctx, pipe, req, settings, notes, controlnets)
+    if req.refiner_checkpoint and req.refiner_checkpoint != NO_REFINER:  # refused what ldm refuses, before it loads
+        switch_at = 0.8 if req.refiner_switch_at is None else req.refiner_switch_at
+        check_base(pipe, switch_at, hires=req.enable_hr, control="control" in settings)
+        settings.update(refiner=ctx.models.refiner(req.refiner_checkpoint), refiner_switch_at=switch_at)
     prompt = params.prompt
 
     def call(seed: int, callback: StepCallback):

@@ -64,6 +64,9 @@ class Txt2ImgRequest(GenerationRequest):
     hr_checkpoint_name: str | None = None
     firstphase_width: int = 0
     firstphase_height: int = 0
+    refiner_checkpoint: str | None = Field(None, description="SDXL: a checkpoint from /sd-models (name, title or hash) "
+                                           "that runs the steps after refiner_switch_at; None or \"None\": off")
+    refiner_switch_at: float | None = Field(None, description="fraction of the steps before the refiner takes over (default 0.8)")
 
 
 class Img2ImgRequest(GenerationRequest):
