@@ -146,3 +146,30 @@ def test_weights_dtype_agrees_with_diffusers(base_pipe):
     assert weights_dtype(base_pipe.unet) == base_pipe.unet.dtype == torch.float32
     bf16 = torch.nn.Linear(2, 2).to(torch.bfloat16)
     assert weights_dtype(bf16) == torch.bfloat16
+
+
+# ---- weights stay resident -------------------------------------------------------------------------
+
+
+def test_mapped_file_ranges_parses_proc_maps():
+    maps = ("7f00-7f80 r--s 00000000 fd:01 12 /models/unet/diffusion_pytorch_model.safetensors\n"
+            "7f80-7fff r-xp 00000000 fd:01 13 /usr/lib/libc.so.6\n")
+    from ldm.accel import mapped_file_ranges
+
+    assert mapped_file_ranges(maps) == [(0x7F00, 0x7F80)]
+
+
+def test_cpu_weights_are_copied_out_of_the_mapped_files(base_model):
+    from ldm.accel import keep_resident, mapped_file_ranges
+    from ldm.devices import ComponentDtypes
+    from ldm.loading import load_components
+
+    raw = load_components(base_model, device=torch.device("cpu"), dtype=ComponentDtypes.same(torch.float32))
+    modules = (raw.text_encoder, raw.unet, raw.vae)
+    before = [t.clone() for t in raw.unet.parameters()]
+    assert keep_resident(modules) > 0  # diffusers leaves them as views of the mmapped safetensors files
+    assert keep_resident(modules) == 0  # nothing left to copy
+    assert all(torch.equal(a, b) for a, b in zip(before, raw.unet.parameters()))
+    pipe = ldm.load(base_model, device="cpu", dtype="float32")
+    ranges = mapped_file_ranges()
+    assert not any(lo <= p.data_ptr() < hi for p in pipe.unet.parameters() for lo, hi in ranges)
