@@ -1,4 +1,5 @@
-"""Command line: ``python -m ldm_tools.eval demo [--model weights/demo] [--seeds N]``."""
+"""Command line: ``python -m ldm_tools.eval demo [--model weights/demo] [--seeds N]``; also ``lora``, ``controlnet``,
+``speck`` (the demo add-ons and the stray-blob count; see docs/demo-addons.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,37 @@ def main(argv=None) -> None:
     d.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
     d.add_argument("--doc", default="docs/demo-model.md", help="where to write the report ('' to skip)")
     d.add_argument("--inpaint-cases", type=int, default=48)
+    lo = sub.add_parser("lora", help="evaluate the demo LoRA (style rate with and without it)")
+    lo.add_argument("--model", default="weights/demo")
+    lo.add_argument("--lora", default="weights/demo-models/Lora/outline.safetensors")
+    lo.add_argument("--prompts", type=int, default=50)
+    lo.add_argument("--seeds", type=int, default=2)
+    lo.add_argument("--grid", default="docs/images/demo-lora.png", help="grid image ('' to skip)")
+    cn = sub.add_parser("controlnet", help="evaluate the demo canny ControlNet (IoU of object and control shape)")
+    cn.add_argument("--model", default="weights/demo")
+    cn.add_argument("--controlnet", default="weights/demo-models/ControlNet/demo-canny")
+    cn.add_argument("--cases", type=int, default=50)
+    cn.add_argument("--grid", default="docs/images/demo-controlnet.png", help="grid image ('' to skip)")
+    sp = sub.add_parser("speck", help="fraction of images with a stray blob: renders, VAE round trips, generated")
+    sp.add_argument("--model", default="weights/demo")
+    sp.add_argument("--prompts", type=int, default=50)
+    sp.add_argument("--seeds", type=int, default=4)
     a = p.parse_args(argv)
+    if a.cmd == "speck":
+        from .speck import run as run_speck
+
+        run_speck(a.model, prompts=a.prompts, seeds=a.seeds)
+        return
+    if a.cmd == "controlnet":
+        from .controlnet import run as run_controlnet
+
+        run_controlnet(a.model, a.controlnet, n=a.cases, grid=a.grid or None)
+        return
+    if a.cmd == "lora":
+        from .lora import run as run_lora
+
+        run_lora(a.model, a.lora, n=a.prompts, seeds=a.seeds, grid=a.grid or None)
+        return
     if a.cmd == "demo":
         from .demo import run
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m ldm_tools.train demo --out weights/demo [--resume]``."""
+"""Command line: ``python -m ldm_tools.train demo --out weights/demo [--resume]``, ``... lora``, ``... controlnet``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import dataclasses
 
 def main(argv=None) -> None:
     from .demo import DemoConfig, export_checkpoint, train_demo
+    from .controlnet import ControlNetConfig, train_controlnet
+    from .lora import LoraConfig, train_lora
 
     p = argparse.ArgumentParser(prog="python -m ldm_tools.train")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -25,7 +27,29 @@ def main(argv=None) -> None:
     d.add_argument("--decoder-steps", type=int, default=DemoConfig.decoder_steps)
     d.add_argument("--n-images", type=int, default=DemoConfig.n_images)
     d.add_argument("--batch", type=int, default=DemoConfig.batch)
+    lo = sub.add_parser("lora", help="train the demo LoRA 'outline' on top of the demo model")
+    lo.add_argument("--out", default="weights/demo-models/Lora/outline.safetensors")
+    lo.add_argument("--work-dir", default="runs/lora")
+    lo.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work-dir")
+    lo.add_argument("--steps", type=int, default=LoraConfig.steps)
+    lo.add_argument("--minutes", type=float, default=0.0, help="also stop after this many minutes (0 = no limit)")
+    lo.add_argument("--export-only", action="store_true", help="write --out from the checkpoint in --work-dir and exit")
+    cn = sub.add_parser("controlnet", help="train the demo canny ControlNet for the demo model")
+    cn.add_argument("--out", default="weights/demo-models/ControlNet/demo-canny")
+    cn.add_argument("--work-dir", default="runs/controlnet")
+    cn.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work-dir")
+    cn.add_argument("--steps", type=int, default=ControlNetConfig.steps)
+    cn.add_argument("--minutes", type=float, default=0.0, help="also stop after this many minutes (0 = no limit)")
+    cn.add_argument("--export-only", action="store_true", help="write --out from the checkpoint in --work-dir and exit")
     a = p.parse_args(argv)
+    if a.cmd == "controlnet":
+        train_controlnet(a.out, a.work_dir, dataclasses.replace(ControlNetConfig(), steps=a.steps, minutes=a.minutes),
+                         resume=a.resume or a.export_only, export_only=a.export_only)
+        return
+    if a.cmd == "lora":
+        train_lora(a.out, a.work_dir, dataclasses.replace(LoraConfig(), steps=a.steps, minutes=a.minutes),
+                   resume=a.resume or a.export_only, export_only=a.export_only)
+        return
     if a.cmd == "demo":
         if a.export_only:
             export_checkpoint(a.out, a.work_dir)
