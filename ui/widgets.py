@@ -14,7 +14,7 @@ import gradio as gr
 
 from ldm import samplers
 
-from . import choices
+from . import brush, choices
 from .control_widgets import control_accordion
 from .model_widgets import refiner_accordion
 from .errors import readable
@@ -211,10 +211,12 @@ def inpaint_tab(ctx: Context) -> Tab:
         with gr.Column(scale=1, elem_classes=["ldm-inputs"]):
             f: dict[str, Any] = {}
             f["_editor"] = gr.ImageEditor(
-                label="Image — paint over what to repaint (brush size in the brush menu)", type="pil",
+                label="Image — paint over what to repaint", type="pil",
                 image_mode="RGBA", format="png", height=420, transforms=(), layers=False, sources=["upload", "clipboard"],
-                brush=gr.Brush(default_size=16, colors=["#ffffff"], color_mode="fixed"), elem_id="inpaint-editor",
+                brush=brush.brush(brush.DEFAULT_SIZE), elem_id="inpaint-editor",
             )
+            f["_brush_size"] = brush.size_field()  # sized to each uploaded picture (ui.brush)
+            brush.wire_brush(f["_editor"], f["_brush_size"])
             with gr.Accordion("Or upload a mask (white = repaint; transparent = repaint if it has alpha)", open=False):
                 f["_mask_upload"] = gr.Image(label="Mask", type="pil", image_mode=None, format="png", height=200,
                                              sources=["upload", "clipboard"])
