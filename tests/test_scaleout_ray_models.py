@@ -1,8 +1,10 @@
-"""Model switching on the Ray backend: a replica loads what a request needs. One CPU replica on a local
-loopback Ray, a tiny models folder (tests/models_folder.py): a LoRA tag, then a switch to another
-checkpoint with another VAE, each equal to the same request in process. Slow (`pytest -m slow`)."""
+"""Model switching on the Ray backend: a replica loads what a request needs, and requests for a model go to
+the replica that has it. Two CPU replicas on a local loopback Ray, a tiny models folder
+(tests/models_folder.py): a LoRA tag, then a switch to another checkpoint with another VAE, each equal to
+the same request in process. Slow (`pytest -m slow`)."""
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -26,7 +28,7 @@ def ctx(tmp_path_factory):
     root = models_folder.build(tmp_path_factory.mktemp("models"))
     load = models_folder.loader(root)
     first = load("alpha")
-    backend = RayBackend(ScaleOut(replicas=1, cpus_per_replica=1),
+    backend = RayBackend(ScaleOut(replicas=2, cpus_per_replica=1),
                          LoadSettings("cpu", "float32", ldm.Options(), str(root)), {"base": first})
     try:
         yield state.Context(state.Pipes(first), state.Options(outputs=None, preview_every=0, backend=backend,
@@ -41,6 +43,18 @@ def generate(ctx, prompt: str, seed: int) -> np.ndarray:
     out = streaming.run(tasks.txt2img(ctx, prompt, steps=3, width=32, height=32, seed=seed))
     image = out.images[0]
     return np.asarray((Image.open(image) if isinstance(image, str) else image).convert("RGB"))
+
+
+def served_by(ctx, prompt: str, seed: int) -> int:
+    """The pid of the replica that ran this request."""
+    pids: set[int] = set()
+    worker = threading.Thread(target=generate, args=(ctx, prompt, seed))
+    worker.start()
+    while worker.is_alive():
+        pids.update(s.pid for s in ctx.backend.in_flight())
+        time.sleep(0.005)
+    assert len(pids) == 1, pids
+    return pids.pop()
 
 
 def in_process(ctx, prompt: str, seed: int) -> np.ndarray:
@@ -63,3 +77,13 @@ def test_a_replica_loads_the_model_lora_and_vae_a_request_needs(ctx):
     started = time.monotonic()
     assert np.array_equal(generate(ctx, "a red cube", 2), in_process(ctx, "a red cube", 2))
     print(f"first request after the switch {first:.2f} s (replica loads the model), next {time.monotonic() - started:.2f} s")
+
+
+def test_requests_for_a_model_go_to_the_replica_that_has_it(ctx):
+    from ui import models
+
+    models.switch_model(ctx, "alpha", "Automatic")
+    models.switch_model(ctx, "beta", "Automatic")  # a model no replica has yet (max_loaded_models 1)
+    loader = served_by(ctx, "a cube", 3)
+    time.sleep(2)  # the replica reports its models to Serve's routers about once a second
+    assert {served_by(ctx, "a cube", seed) for seed in range(4, 10)} == {loader}  # by chance: 1 in 64
