@@ -296,7 +296,8 @@ def load_single_file(file: str | os.PathLike, *, device: torch.device, dtype: to
     text_encoder, unet, vae = models.get("text encoder"), models["U-Net"], models["VAE"]
     extras = {}
     if sdxl:
-        extras = {"tokenizer_2": _tokenizer(folder, "tokenizer_2", open_clip=True), "text_encoder_2": models["second text encoder"]}
+        extras = {"tokenizer_2": _tokenizer(folder, "tokenizer_2", open_clip=True),
+                  "text_encoder_2": models["second text encoder"]}
     for m in models.values():
         m.to(device).eval().requires_grad_(False)
     if probe:

@@ -54,7 +54,8 @@ def test_sdxl_embedding_goes_into_both_encoders_and_matches_diffusers(env):
     theirs = ref(prompt, negative_prompt="blurry", width=32, height=32, num_inference_steps=4, guidance_scale=7.5,
                  generator=gens(3, 1)).images
     as_words = ldm.load(folder, device="cpu", dtype="float32").txt2img(prompt, **KW)  # no models folder: plain words
-    print(f"sdxl embedding: vs diffusers {max_diff(ours.images, theirs)}, vs plain words {max_diff(ours.images, as_words.images)}")
+    print(f"sdxl embedding: vs diffusers {max_diff(ours.images, theirs)}, "
+          f"vs plain words {max_diff(ours.images, as_words.images)}")
     assert max_diff(ours.images, as_words.images) > VISIBLE
     assert max_diff(ours.images, theirs) <= TOL
     h = pipe.library.short_hash(pipe.library.find("embeddings", "xlstyle"))

@@ -152,3 +152,12 @@ def test_refiner_over_the_a1111_rest_api(root):
         assert r.status_code == 200 and "Refiner" not in r.json()["info"]
     finally:
         demo.close()
+
+
+def test_switching_to_the_refiner_in_the_slot_does_not_load_it_again(root):
+    calls = []
+    ctx = make_ctx(root, calls=calls)
+    run(ctx, refiner="xl-refiner", refiner_switch_at=0.5)
+    refiner = ctx.models.refiner_slot[1]
+    assert models.switch_model(ctx, "xl-refiner", "Automatic") == "Serving xl-refiner."
+    assert ctx.pipes.base is refiner and ctx.models.refiner_slot is None and calls == ["xl", "xl-refiner"]

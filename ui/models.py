@@ -24,7 +24,8 @@ listing or request waits for a hash.
 The txt2img refiner (SDXL) is a checkpoint too: `refiner(name)` reuses a loaded one (the serving checkpoint,
 or one kept by `max_loaded`) and otherwise loads it with the same loader into one refiner slot, kept for the
 next request until another refiner is chosen. So with a refiner in use the memory holds the serving model,
-the refiner, and any others `max_loaded` keeps.
+the refiner, and any others `max_loaded` keeps. Switching the checkpoint to the refiner in the slot moves it
+out of the slot instead of loading it again.
 
 The handlers at the end (`switch_model`, `model_choices`) are the UI's and the API's (`/switch_model`).
 """
@@ -110,7 +111,8 @@ class Models:
         folder layout or file header; "None" first."""
         paths = {e.name: e.path for e in self.library.checkpoints} if self.library is not None else {}
         paths = {**{n: s for n, s in self.specs.items() if n not in paths}, **paths}
-        return [(NO_REFINER, NO_REFINER), *((t, n) for t, n in self.titled() if self._family(paths.get(n, n)) in REFINER_FAMILIES)]
+        sdxl = [(t, n) for t, n in self.titled() if self._family(paths.get(n, n)) in REFINER_FAMILIES]
+        return [(NO_REFINER, NO_REFINER), *sdxl]
 
     def _family(self, path: Any) -> str | None:
         try:
@@ -228,8 +230,12 @@ class Models:
             del old
             turn = None
         self._evict(ctx, self.max_loaded - 1)
+        with self.refiner_lock:  # the refiner slot's model becomes the serving one rather than loading a second copy
+            held = self.refiner_slot if self.refiner_slot is not None and self.refiner_slot[0] == name else None
+            if held is not None:
+                self.refiner_slot = None
         try:
-            pipe = self.loader(self.specs[name])
+            pipe = held[1] if held is not None else self.loader(self.specs[name])
         except Exception as exc:  # noqa: BLE001 - any failure: the previous model serves (again)
             reason = f"could not load {name}: {exc}"
             log.warning("%s; serving %s", reason, previous)

@@ -272,7 +272,8 @@ def build_router(ctx: Context, settings: Settings) -> tuple[APIRouter, Jobs]:
     def current_options() -> dict:
         pipe = serving()
         outputs = ctx.options.outputs
-        return {"sd_model_checkpoint": ctx.models.title(ctx.models.checkpoint), "sd_checkpoint_hash": None, "sd_vae": ctx.models.vae,
+        m = ctx.models
+        return {"sd_model_checkpoint": m.title(m.checkpoint), "sd_checkpoint_hash": None, "sd_vae": m.vae,
                 "CLIP_stop_at_last_layers": options["CLIP_stop_at_last_layers"], "samples_save": outputs is not None,
                 "samples_format": "png", "outdir_samples": str(outputs or ""), "live_previews_enable": bool(ctx.options.preview_every),
                 "show_progress_every_n_steps": ctx.options.preview_every, "sd_model_name": str(pipe.name)}
