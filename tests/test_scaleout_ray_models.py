@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import models_folder
+from test_scaleout_ray import ray_processes
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("ray", reason="the Ray backend needs requirements-ray.txt")
@@ -25,6 +26,7 @@ def ctx(tmp_path_factory):
     from scaleout.replica import LoadSettings
     from ui import state
 
+    before = ray_processes()
     root = models_folder.build(tmp_path_factory.mktemp("models"))
     load = models_folder.loader(root)
     first = load("alpha")
@@ -35,6 +37,10 @@ def ctx(tmp_path_factory):
                                                               model_loader=load, model_spec="alpha"))
     finally:
         backend.close()
+        deadline = time.monotonic() + 60
+        while (left := ray_processes() - before) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not left, f"Ray processes left running: {left}"
 
 
 def generate(ctx, prompt: str, seed: int) -> np.ndarray:
