@@ -33,16 +33,18 @@ def size_field() -> gr.Slider:
                      elem_id="inpaint-brush-size")
 
 
+def fit(value: Any):
+    """editor value -> (brush-size number, editor update) for its picture; skips without a picture.
+    For `editor -> [size, editor]` events: an upload, or a picture sent from another tab."""
+    try:
+        picture = editor_image(value)
+    except ValueError:  # no picture (cleared): keep the brush
+        return gr.skip(), gr.skip()
+    n = size_for(*picture.size)
+    return n, gr.ImageEditor(brush=brush(n))
+
+
 def wire_brush(editor: gr.ImageEditor, size: gr.Slider) -> None:
     """An uploaded picture sets the brush to its size; the number sets the editor's brush."""
-
-    def fit(value: Any):
-        try:
-            picture = editor_image(value)
-        except ValueError:  # no picture (cleared): keep the brush
-            return gr.skip(), gr.skip()
-        n = size_for(*picture.size)
-        return n, gr.ImageEditor(brush=brush(n))
-
     editor.upload(readable(fit), editor, [size, editor], queue=False, api_visibility="private")
     size.input(readable(lambda n: gr.ImageEditor(brush=brush(n))), size, editor, queue=False, api_visibility="private")
