@@ -101,21 +101,3 @@ def test_brush_fits_the_picture_and_the_mask_shows_what_is_under_it(page, tmp_pa
                            timeout=120_000)
     assert page.input_value("#inpaint-status textarea").startswith("Done")
 
-
-def test_a_picture_sent_to_inpaint_gets_a_brush_of_its_size(page):
-    for elem_id, value in (("txt2img-steps", 2), ("txt2img-width", 128), ("txt2img-height", 128)):
-        box = page.locator(f"#{elem_id} input[type=number]")
-        box.fill(str(value))
-        box.press("Enter")
-        time.sleep(0.3)
-    page.fill("#txt2img-prompt textarea", "a red circle")
-    page.click("#txt2img-generate")
-    page.wait_for_function("document.querySelector('#txt2img-status textarea').value.startsWith('Done')",
-                           timeout=120_000)
-    page.get_by_role("button", name="Send to inpaint").first.click()
-    page.wait_for_function("document.querySelector('#inpaint-brush-size input[type=number]')?.value === '8'",
-                           timeout=20_000)
-    editor = page.locator("#inpaint-editor")
-    editor.get_by_role("button", name="Brush Size").click()
-    page.wait_for_function("document.querySelector('#inpaint-editor input[type=range]')?.value === '8'",
-                           timeout=10_000)

@@ -35,7 +35,8 @@ def size_field() -> gr.Slider:
 
 def fit(value: Any):
     """editor value -> (brush-size number, editor update) for its picture; skips without a picture.
-    For `editor -> [size, editor]` events: an upload, or a picture sent from another tab."""
+    Only on upload: a brush update right after a picture is *sent* into the editor (send-to) leaves
+    Gradio 6.31's editor not painting, so a sent picture keeps the current brush."""
     try:
         picture = editor_image(value)
     except ValueError:  # no picture (cleared): keep the brush

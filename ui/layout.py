@@ -14,7 +14,7 @@ from typing import Any
 
 import gradio as gr
 
-from . import brush, control, convert, editor, header, history, page, tasks
+from . import control, convert, editor, header, history, page, tasks
 from .endpoints import api_params, endpoint, int_params, plain
 from .errors import explain, readable
 from .gradio_compat import attach_context, blocks, check_image_headers, describe_api, readable_errors
@@ -82,9 +82,6 @@ def wire_send_to(tabs: dict[str, Tab], tabs_block: gr.Tabs, extra: tuple = ()) -
                                  [image_field, *[dest[k] for k in keys], tabs_block], queue=False,
                                  api_visibility="private")
             explain_failure(event, send, [r.gallery, r.index, r.infotexts], r.status)
-            if target == "inpaint":  # the brush fits the sent picture, as it fits an uploaded one
-                event.then(readable(brush.fit), dest["_editor"], [dest["_brush_size"], dest["_editor"]], queue=False,
-                           api_visibility="private")
 
 
 def explain_failure(event, fn: Callable, inputs: list, status) -> None:
