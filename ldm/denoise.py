@@ -8,7 +8,9 @@ pooled embeddings and time ids), residuals added inside the U-Net (ControlNet), 
 calls each hook of every extension in list order and has no branch for any particular feature.
 
 Batch convention: a guided step runs the U-Net on `[uncond rows, cond rows]`; per-image tensors
-are doubled with `StepInfo.batch` (= `guidance.guided_batch`).
+are doubled with `StepInfo.batch` (= `guidance.guided_batch`). With AND sub-prompts (composable
+diffusion) the cond rows are one group of B per sub-prompt, `StepInfo.conds` of them, and
+`StepInfo.batch` repeats per-image tensors for every group.
 """
 from __future__ import annotations
 
@@ -37,10 +39,11 @@ class StepInfo:
     total: int  # number of timesteps being run
     timestep: torch.Tensor
     guided: bool  # this step runs the [uncond, cond] batch
+    conds: int = 1  # groups of cond rows: the prompt's AND sub-prompts
 
     def batch(self, x: torch.Tensor) -> torch.Tensor:
         """Per-image rows [B, ...] -> the rows this step's U-Net batch needs."""
-        return guided_batch(x, self.guided)
+        return guided_batch(x, self.guided, self.conds)
 
 
 class Extension:
@@ -56,6 +59,11 @@ class Extension:
 
     def extra_channels(self, step: StepInfo) -> torch.Tensor | None:
         """Channels concatenated after the scaled latents, already batched with `step.batch`."""
+        return None
+
+    def text_embeds(self, step: StepInfo) -> torch.Tensor | None:
+        """This step's text conditioning, rows as `step.batch` lays them out, in place of the run's fixed
+        `cond`/`uncond` (a scheduled prompt); when several extensions give one, the last wins."""
         return None
 
     def unet_kwargs(self, step: StepInfo) -> dict:
@@ -82,11 +90,12 @@ class DenoiseInputs:
     latents: torch.Tensor  # initial latents, already scaled/noised for the first timestep
     timesteps: torch.Tensor  # the part of the schedule to run
     scheduler: object  # a fresh diffusers scheduler with set_timesteps already called
-    cond: torch.Tensor  # text conditioning for the batch [B, seq, dim]
-    uncond: torch.Tensor | None  # negative conditioning, same shape; None when guidance is off
+    cond: torch.Tensor  # text conditioning [B * len(cond_weights), seq, dim]: B rows per sub-prompt
+    uncond: torch.Tensor | None  # negative conditioning [B, seq, dim]; None when guidance is off
     guidance_scale: float
     generators: Sequence[torch.Generator]  # per-image RNGs for stochastic samplers
     extensions: Sequence[Extension] = field(default_factory=tuple)
+    cond_weights: Sequence[float] = (1.0,)  # guidance weight of each sub-prompt (A1111's AND)
 
 
 def denoise(unet, inputs: DenoiseInputs, callback: StepCallback | None = None) -> torch.Tensor:
@@ -103,10 +112,11 @@ def denoise(unet, inputs: DenoiseInputs, callback: StepCallback | None = None) -
     cond = inputs.cond.to(unet_dtype)
     both = torch.cat([inputs.uncond, inputs.cond]).to(unet_dtype) if cfg else None
     step_kwargs = _step_kwargs(scheduler, inputs.generators)
+    weights = tuple(inputs.cond_weights)
 
     for i, t in enumerate(inputs.timesteps):
-        step = StepInfo(i, total, t, cfg and all(e.keeps_guidance(i, total) for e in exts))
-        embeds = both if step.guided else cond
+        step = StepInfo(i, total, t, cfg and all(e.keeps_guidance(i, total) for e in exts), len(weights))
+        embeds = step_embeds(step, exts, both if step.guided else cond).to(unet_dtype)
         latents_in = scheduler.scale_model_input(step.batch(latents), t)
         channels = [c for e in exts if (c := e.extra_channels(step)) is not None]
         model_in = torch.cat([latents_in, *channels], dim=1) if channels else latents_in
@@ -116,14 +126,22 @@ def denoise(unet, inputs: DenoiseInputs, callback: StepCallback | None = None) -
         kwargs.update(_sum_residuals(e.residuals(step, latents_in, embeds) for e in exts))
         pred = unet(model_in.to(unet_dtype), t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
         pred = pred.to(latents.dtype)
-        if step.guided:
-            pred = apply_cfg(pred, inputs.guidance_scale)
+        pred = apply_cfg(pred, inputs.guidance_scale, weights, step.guided)
         latents = scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
         for ext in exts:
             latents = ext.after_step(step, latents)
         if callback is not None and callback(i + 1, total, latents):
             raise Cancelled(f"cancelled at step {i + 1} of {total}")
     return latents
+
+
+def step_embeds(step: StepInfo, exts: Sequence[Extension], fixed: torch.Tensor) -> torch.Tensor:
+    """The text conditioning of this step: the last extension's `text_embeds`, else the run's `fixed` one."""
+    for ext in exts:
+        embeds = ext.text_embeds(step)
+        if embeds is not None:
+            fixed = embeds
+    return fixed
 
 
 def _sum_residuals(parts) -> dict:

@@ -22,6 +22,7 @@ from PIL import Image
 from . import images as imgs
 from .accel import Accel
 from .components import Components, ModelKind
+from .conditioning import check_prompt_plan, plan_for
 from .denoise import DenoiseInputs, Extension, StepCallback, denoise
 from .embeddings import EmbeddingFiles
 from .faults import guard_out_of_memory
@@ -182,6 +183,8 @@ def params_for(model: Model, prompt: str, settings: dict, *, limits: Limits | No
     if loras and model.accel.offload == "sequential":  # accelerate keeps its own copy of each weight
         raise ValueError("LoRA tags do not work with offload='sequential'; load with offload='model' or 'none'")
     model.networks.resolve(loras)
+    check_prompt_plan(replace(p, prompt=extract_loras(p.prompt)[0]), model.limits.max_prompt_tokens,
+                      model.family.token_count)
     return p
 
 
@@ -202,22 +205,25 @@ def strength_slice(scheduler, steps: int, strength: float) -> torch.Tensor:
 
 @guard_out_of_memory  # an OOM anywhere in a task -> ldm.OutOfMemory, with the call's memory released
 def run(model: Model, p: GenerationParams, start: StartFn, callback: StepCallback | None = None,
-        extensions: Sequence[Extension] = (), extra_info: dict | None = None) -> Result:
+        extensions: Sequence[Extension] = (), extra_info: dict | None = None,
+        first_pass_steps: int | None = None) -> Result:
     """Generate with validated `p`: conditioning, `start`, the loop with the family's, the caller's and the
-    start's extensions (in that order), decode. Returns images, seeds, infotexts and the final latents."""
+    start's extensions (in that order), decode. Returns images, seeds, infotexts and the final latents.
+    `first_pass_steps`: this is a hires-fix second pass, whose prompt schedule continues the first pass's."""
     p = p.with_seed()
     seeds = [p.seed + i for i in range(p.batch_size)]
     gens = generators(seeds)
     text, loras = extract_loras(p.prompt)  # the tags are not encoded; the infotext keeps them, as A1111's
     with model.networks.applied(loras) as applied, torch.inference_mode():
-        conditioning = model.family.encode(replace(p, prompt=text))
+        encoded = replace(p, prompt=text)
+        conditioning = model.family.encode(encoded, plan_for(encoded, first_pass_steps))
         scheduler = make_scheduler(p.sampler, p.schedule, model.scheduler_config, seeds=seeds)
         scheduler.set_timesteps(p.steps, device=model.device)
         s = start(scheduler, gens)
         exts = [*conditioning.extensions, *extensions, *s.extensions]
         inputs = DenoiseInputs(latents=s.latents, timesteps=s.timesteps, scheduler=scheduler, cond=conditioning.cond,
                                uncond=conditioning.uncond, guidance_scale=p.guidance_scale, generators=gens,
-                               extensions=exts)
+                               extensions=exts, cond_weights=conditioning.weights)
         latents = denoise(model.unet, inputs, callback)
         pixels = decode(model.vae, latents, tile=model.options.vae_tile)
     images = imgs.tensor_to_pil(pixels)

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
+
 from .components import Components
-from .conditioning import Conditioning
+from .conditioning import Conditioning, plan_for, scheduled
 from .family_sdxl import SDXLFamily, is_sdxl
 from .guidance import uses_cfg
 from .latents import vae_scale_factor
 from .params import GenerationParams
-from .prompts import PromptEncoder
+from .prompt_schedule import PromptPlan, StepTexts
+from .prompts import Chunk, PromptEncoder
 
 
 class ModelFamily(Protocol):
@@ -30,7 +33,7 @@ class ModelFamily(Protocol):
 
     def token_count(self, text: str) -> int: ...
 
-    def encode(self, p: GenerationParams) -> Conditioning: ...
+    def encode(self, p: GenerationParams, plan: PromptPlan | None = None) -> Conditioning: ...
 
 
 class SDFamily:
@@ -52,14 +55,25 @@ class SDFamily:
     def token_count(self, text: str) -> int:
         return self.prompts.token_count(text)
 
-    def encode(self, p: GenerationParams) -> Conditioning:
+    def encode(self, p: GenerationParams, plan: PromptPlan | None = None) -> Conditioning:
+        """p's conditioning, step by step as `plan` (by default p's own prompt schedule) says: every distinct
+        text encoded once, all padded to one length."""
+        plan = plan or plan_for(p)
         guided = uses_cfg(p.guidance_scale)
-        cond, uncond = self.prompts.encode_pair(p.prompt, p.negative_prompt, clip_skip=p.clip_skip,
-                                                need_negative=guided)
+        chunks = {t: self.prompts.chunks(t) for t in plan.texts(negative=guided)}
+        n = max(len(c) for c in chunks.values())
+        # Shorter texts are padded with empty chunks so that all have the same sequence length.
+        encoded = {t: self.prompts.encode_chunks(c + [Chunk() for _ in range(n - len(c))], p.clip_skip)
+                   for t, c in chunks.items()}
         b = p.batch_size
-        used = self.prompts.embeddings_in(p.prompt, p.negative_prompt if guided else "")
+
+        def build(texts: StepTexts) -> Conditioning:
+            cond = torch.cat([encoded[t].repeat(b, 1, 1) for t in texts.conds])
+            return Conditioning(cond, encoded[texts.uncond].repeat(b, 1, 1) if guided else None, (), plan.weights)
+
+        used = [e for text_chunks in chunks.values() for c in text_chunks for _, e in c.fixes]
         info = (self.prompts.embeddings.hashes(used),) if used else ()  # infotext "TI hashes"
-        return Conditioning(cond.repeat(b, 1, 1), None if uncond is None else uncond.repeat(b, 1, 1), info)
+        return scheduled(plan, build, info)
 
 
 def family_for(components: Components, embeddings=None) -> ModelFamily:

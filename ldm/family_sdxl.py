@@ -20,19 +20,21 @@ the feature):
   the same token places (files without both parts are skipped for a base model, as in A1111).
 
 The pooled vectors and time ids reach the U-Net through `AddedConditioning`, a loop extension whose
-`unet_kwargs` passes `added_cond_kwargs` in the loop's [uncond, cond] row order.
+`unet_kwargs` passes `added_cond_kwargs` in the loop's [uncond, cond] row order (cond: one group per
+AND sub-prompt). A scheduled prompt's pooled vectors change with its embeddings (ldm.conditioning).
 """
 from __future__ import annotations
 
 import torch
 
 from .components import Components, ModelLoadError
-from .conditioning import Conditioning
+from .conditioning import Conditioning, plan_for, scheduled
 from .denoise import Extension, StepInfo
 from .embeddings import EmbeddingTable, injected, joint
 from .guidance import uses_cfg
 from .latents import vae_scale_factor
 from .params import GenerationParams
+from .prompt_schedule import PromptPlan, StepTexts
 from .prompts import Chunk, PromptEncoder, chunk_prompt
 
 AESTHETIC_SCORE = 6.0  # refiner defaults, as diffusers
@@ -110,31 +112,39 @@ class SDXLFamily:
     def token_count(self, text: str) -> int:
         return sum(len(c.ids) for c in self.chunks(text, self.tables()))
 
-    def encode(self, p: GenerationParams) -> Conditioning:
+    def encode(self, p: GenerationParams, plan: PromptPlan | None = None) -> Conditioning:
+        """p's conditioning, step by step as `plan` (by default p's own prompt schedule) says: every distinct
+        text encoded once, all padded to one length; the pooled vectors follow the schedule too."""
+        plan = plan or plan_for(p)
         guided = uses_cfg(p.guidance_scale)
+        zero_negative = guided and p.negative_prompt == ""
         tables = self.tables()
-        chunks = self.chunks(p.prompt, tables)
-        negative = self.chunks(p.negative_prompt, tables) if guided and p.negative_prompt else []
-        used = [e for c in chunks + negative for _, e in c.fixes]
-        n = max(len(chunks), len(negative))
-        # The shorter side is padded with empty chunks so both have the same sequence length.
-        chunks += [Chunk() for _ in range(n - len(chunks))]
-        cond, pooled = self.encode_chunks(chunks, p.clip_skip, tables)
-        uncond = uncond_pooled = None
-        if guided and p.negative_prompt == "":
-            uncond, uncond_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
-        elif guided:
-            negative += [Chunk() for _ in range(n - len(negative))]
-            uncond, uncond_pooled = self.encode_chunks(negative, p.clip_skip, tables)
+        chunks = {t: self.chunks(t, tables) for t in plan.texts(negative=guided and not zero_negative)}
+        used = [e for text_chunks in chunks.values() for c in text_chunks for _, e in c.fixes]
+        n = max(len(c) for c in chunks.values())
+        # Shorter texts are padded with empty chunks so that all have the same sequence length.
+        encoded = {t: self.encode_chunks(c + [Chunk() for _ in range(n - len(c))], p.clip_skip, tables)
+                   for t, c in chunks.items()}
         b = p.batch_size
         dtype = self.unet.dtype
         time_ids = self.time_ids(p.height, p.width, AESTHETIC_SCORE)
-        added = AddedConditioning(
-            pooled.to(dtype).repeat(b, 1), time_ids.repeat(b, 1),
-            None if uncond is None else uncond_pooled.to(dtype).repeat(b, 1),
-            None if uncond is None else self.time_ids(p.height, p.width, NEGATIVE_AESTHETIC_SCORE).repeat(b, 1))
+        uncond_time_ids = self.time_ids(p.height, p.width, NEGATIVE_AESTHETIC_SCORE)
+
+        def build(texts: StepTexts) -> Conditioning:
+            cond = torch.cat([encoded[t][0].repeat(b, 1, 1) for t in texts.conds])
+            pooled = torch.cat([encoded[t][1].to(dtype).repeat(b, 1) for t in texts.conds])
+            uncond = uncond_pooled = None
+            if zero_negative:
+                uncond, uncond_pooled = torch.zeros_like(cond[:b]), torch.zeros_like(pooled[:b])
+            elif guided:
+                uncond, uncond_pooled = encoded[texts.uncond]
+                uncond, uncond_pooled = uncond.repeat(b, 1, 1), uncond_pooled.to(dtype).repeat(b, 1)
+            added = AddedConditioning(pooled, time_ids.repeat(len(texts.conds) * b, 1), uncond_pooled,
+                                      None if uncond is None else uncond_time_ids.repeat(b, 1))
+            return Conditioning(cond, uncond, (added,), plan.weights)
+
         info = (self.prompts.embeddings.hashes(used),) if used else ()  # infotext "TI hashes"
-        return Conditioning(cond.repeat(b, 1, 1), None if uncond is None else uncond.repeat(b, 1, 1), (added, *info))
+        return scheduled(plan, build, info)
 
     def encode_chunks(self, chunks: list[Chunk], clip_skip: int,
                       tables: list[EmbeddingTable] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

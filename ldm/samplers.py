@@ -110,6 +110,11 @@ def resolve(sampler: str, schedule: str | None = "Automatic") -> tuple[str, str]
     return name, schedule
 
 
+def calls_per_step(sampler: str) -> int:
+    """U-Net calls per step: 2 for second-order samplers (Heun, DPM2, DPM++ SDE), as A1111 counts its steps."""
+    return int(SAMPLERS[resolve(sampler)[0]].scheduler.order)
+
+
 def scheduler_kwargs(sampler: str, schedule: str | None = "Automatic", *, seeds: Sequence[int] = ()) -> tuple[type[SchedulerMixin], dict[str, Any]]:
     """The scheduler class and the from_config kwargs for this sampler and schedule."""
     name, schedule = resolve(sampler, schedule)

@@ -11,7 +11,7 @@ import ldm
 def no_model_work(base_pipe, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("model work started before validation")
-    monkeypatch.setattr(base_pipe.prompts, "encode_pair", boom)
+    monkeypatch.setattr(base_pipe.prompts, "encode_chunks", boom)
     return base_pipe
 
 

@@ -42,16 +42,17 @@ class ControlResiduals(Extension):
         # Guess mode (or a ControlNet trained with pooled conditions, which diffusers always runs so).
         guess = self.guess_mode or bool(getattr(self.net.config, "global_pool_conditions", False))
         cond_only = guess and step.guided
-        image = self.image if cond_only else step.batch(self.image)
-        if cond_only:  # [uncond, cond] -> cond
-            latents_in, embeds = latents_in.chunk(2)[1], embeds.chunk(2)[1]
+        image = step.batch(self.image)
+        if cond_only:  # [uncond, cond] -> cond (one group per AND sub-prompt)
+            b = self.image.shape[0]
+            image, latents_in, embeds = image[b:], latents_in[b:], embeds[b:]
         dtype = self.net.dtype
         down, mid = self.net(latents_in.to(dtype), step.timestep, encoder_hidden_states=embeds.to(dtype),
                              controlnet_cond=image.to(dtype), conditioning_scale=self.weight,
                              guess_mode=guess or self.soft, return_dict=False)
         if cond_only:
-            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
-            mid = torch.cat([torch.zeros_like(mid), mid])
+            down = [torch.cat([torch.zeros_like(d[:b]), d]) for d in down]
+            mid = torch.cat([torch.zeros_like(mid[:b]), mid])
         out = embeds.dtype  # the U-Net's dtype: the residuals are added to its features
         return {"down_block_additional_residuals": tuple(d.to(out) for d in down),
                 "mid_block_additional_residual": mid.to(out)}

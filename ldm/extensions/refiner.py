@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 
-from ..denoise import Extension, StepInfo
+from ..denoise import Extension, StepInfo, step_embeds
 from ..prompt_tags import extract_loras
 
 
@@ -77,9 +77,10 @@ class RefinerSwitch(Extension):
             kwargs.update(ext.unet_kwargs(step))
         return kwargs
 
-    def embeds(self, guided: bool) -> torch.Tensor:
+    def embeds(self, step: StepInfo) -> torch.Tensor:
+        """The refiner's text conditioning for this step (a scheduled prompt's too)."""
         c = self.conditioning
-        return torch.cat([c.uncond, c.cond]) if guided else c.cond
+        return step_embeds(step, c.extensions, torch.cat([c.uncond, c.cond]) if step.guided else c.cond)
 
     def infotext(self) -> dict:
         return {"Refiner": f"{self.refiner.name} [{self.refiner.model_hash}]", "Refiner switch at": self.switch_at}
@@ -101,5 +102,5 @@ class _SwitchedUNet:
         if step is None or not self.switch.refined(step):
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
         unet = self.switch.refiner.unet
-        embeds = self.switch.embeds(step.guided).to(unet.dtype)
+        embeds = self.switch.embeds(step).to(unet.dtype)
         return unet(sample.to(unet.dtype), timestep, encoder_hidden_states=embeds, **kwargs)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from .. import images as imgs
 from ..components import ModelKind
+from ..conditioning import schedule_steps
 from ..denoise import Extension, StepCallback
 from ..engine import Model, Result, Start, params_for, require, run, strength_slice
 from ..latents import encode, seeded_noise
@@ -51,7 +52,9 @@ class HiresPass:
             noise = seeded_noise(latents.shape, gens, dtype=model.dtype, device=model.device)
             return Start(scheduler.add_noise(latents, noise, timesteps[:1].repeat(p.batch_size)), timesteps)
 
-        result = run(model, p, start, callback, extensions)
+        # A1111: a second pass's prompt schedule continues the first pass's timeline.
+        first_steps = schedule_steps(source.params) if isinstance(source, Result) else None
+        result = run(model, p, start, callback, extensions, first_pass_steps=first_steps)
         # A1111 writes the first pass's size and steps, and the hires settings beside them.
         first = source.params if isinstance(source, Result) else p
         first_size = source.images[0].size if isinstance(source, Result) else source.size
