@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 
 import ldm
-from scaleout.config import ScaleOut, parse_autoscale
+from scaleout.config import ScaleOut, keep_local_ray_on_loopback, parse_autoscale
 from ui import state
 from ui.backend import BACKENDS
 from ui.tempfiles import private_temp_dir, start_sweeper
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "weights" / "demo"
+DEMO_ADDONS = ROOT / "weights" / "demo-models"  # LoRA/ControlNet made for the demo model, A1111 layout
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -156,13 +157,31 @@ def loader(args: argparse.Namespace):
 
 
 def check_models_dir(args: argparse.Namespace) -> None:
-    """The models folder is created with its layout when missing; one that cannot be is left out with a warning."""
+    """The models folder is created with its layout when missing; one that cannot be is left out with a warning.
+    The default folder also gets the demo model's add-ons (see link_demo_addons)."""
     if args.models_dir:
         try:
             ldm.Library(args.models_dir)
         except OSError as exc:
             print(f"warning: models folder {args.models_dir} unusable ({exc}); running without one", file=sys.stderr)
             args.models_dir = None
+            return
+        if Path(args.models_dir).resolve() == Path("models").resolve():
+            link_demo_addons(args.models_dir)
+
+
+def link_demo_addons(models_dir: str | os.PathLike) -> None:
+    """Symlink each add-on of the demo model (weights/demo-models, A1111 layout: Lora/outline, ...) into the
+    models folder unless something of that name is there, so the app lists them offline like the user's own."""
+    for item in sorted(DEMO_ADDONS.glob("*/*")):
+        link = Path(models_dir) / item.relative_to(DEMO_ADDONS)
+        if link.exists() or link.is_symlink():
+            continue
+        try:
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(item.resolve(), target_is_directory=item.is_dir())
+        except OSError as exc:
+            print(f"warning: could not link the demo add-on {item} into {models_dir} ({exc})", file=sys.stderr)
 
 
 def load_pipelines(args: argparse.Namespace) -> state.Pipes:
@@ -192,6 +211,8 @@ def start_backend(args: argparse.Namespace, scale: ScaleOut | None, device: str 
     """The Ray Serve backend (imported only here: the default install has no Ray), or None in process."""
     if scale is None:
         return None
+    if scale.address is None:
+        keep_local_ray_on_loopback()  # before Ray is imported: our own Ray listens on 127.0.0.1 only
     try:
         from scaleout.backend import RayBackend
         from scaleout.replica import LoadSettings

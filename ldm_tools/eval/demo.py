@@ -417,6 +417,9 @@ the object, an artefact of the tiny VAE. Inpainting uses this base model (no 9-c
 variant), so the repainted object is often small or blotchy inside the box; pixels outside the mask
 are pasted back exactly.
 
+Add-ons made for this model (the LoRA `outline`, a ControlNet trainer), their recipes and figures, and the
+stray-blob ("speck") measurement: `docs/demo-addons.md`.
+
 Held-out failures (first 20):
 
 {fail_lines or '- none'}

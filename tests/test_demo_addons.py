@@ -1,0 +1,102 @@
+"""The demo add-ons shipped beside the demo model (weights/demo-models: A1111 layout) load in ours and do
+their job on at least one case; the style detectors they are measured with; the size limit of weights/."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ldm_tools.train import world as W
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "weights"
+ADDONS = WEIGHTS / "demo-models"
+LORA = ADDONS / "Lora" / "outline.safetensors"
+
+
+def read(image) -> tuple:
+    k = W.classify(image)
+    return k.bg, k.obj, k.shape
+
+
+def test_weights_folder_stays_under_80_mb():
+    size = sum(p.stat().st_size for p in WEIGHTS.rglob("*") if p.is_file())
+    assert size < 80e6, f"weights/ is {size / 1e6:.1f} MB"
+
+
+def test_hollow_detector_reads_renders():
+    rng = np.random.default_rng(3)
+    for combo in W.all_combos()[::7]:
+        scene = W.random_scene(rng, combo)
+        if combo[1] == "triangle" and scene.size < 26:  # too small to leave a hole inside a 5-pixel rim
+            continue
+        plain, styled = W.render(scene), W.render(scene, outline=W.OUTLINE_WIDTH)
+        assert W.hollow_fraction(plain) == 0 and not W.is_hollow(plain)
+        assert W.is_hollow(styled), (scene, W.hollow_fraction(styled))
+        assert read(W.solid(styled)) == read(plain) == (combo[2], combo[0], combo[1])
+
+
+def test_holes_are_regions_cut_off_from_the_background():
+    ring = np.zeros((12, 12), bool)
+    ring[2:7, 2:7] = True
+    ring[3:6, 3:6] = False
+    assert W.holes(ring)[3:6, 3:6].all() and W.holes(ring).sum() == 9
+    ring[4, 2] = False  # opened to the outside
+    assert not W.holes(ring).any()
+    edge = np.zeros((12, 12), bool)
+    edge[0:5, 2:7] = True
+    edge[0:4, 3:6] = False  # a rim cut by the top border of the image: still a hole
+    assert W.holes(edge).sum() == 12
+
+
+def test_shipped_lora_is_kohya_format():
+    from safetensors import safe_open
+
+    with safe_open(str(LORA), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    parts: dict[str, set] = {}
+    for k in keys:
+        prefix, _, part = k.partition(".")
+        parts.setdefault(prefix, set()).add(part)
+    assert all(p == {"lora_down.weight", "lora_up.weight", "alpha"} for p in parts.values())
+    assert meta["ss_network_module"] == "networks.lora"
+
+
+@pytest.fixture(scope="module")
+def pipe_with_addons(tmp_path_factory):
+    import ldm
+
+    models = tmp_path_factory.mktemp("models")
+    (models / "Lora").mkdir()
+    (models / "Lora" / "outline.safetensors").symlink_to(LORA)
+    return ldm.load(str(WEIGHTS / "demo"), models_dir=models, dtype="float32")
+
+
+def test_shipped_lora_draws_its_style(pipe_with_addons):
+    # the second case of `python -m ldm_tools.eval lora` (docs/images/demo-lora.png, columns 3-4)
+    kw = dict(negative_prompt="", width=64, height=64, steps=20, guidance_scale=7.5, sampler="Euler", seed=2)
+    prompt = "a orange circle on a blue background"
+    plain = pipe_with_addons.txt2img(prompt, **kw).images[0]
+    styled = pipe_with_addons.txt2img(f"<lora:outline:1> {prompt}", **kw).images[0]
+    assert not W.is_hollow(plain) and W.is_hollow(styled)
+    assert read(W.solid(styled)) == ("blue", "orange", "circle")
+    again = pipe_with_addons.txt2img(prompt, **kw).images[0]
+    assert np.array_equal(np.asarray(again), np.asarray(plain))  # the base weights came back exactly
+
+
+def test_app_links_the_addons_into_the_default_models_folder(tmp_path, monkeypatch):
+    import app
+    import ldm
+
+    monkeypatch.chdir(tmp_path)  # the default models folder is ./models
+    args = app.parse_args([])
+    app.check_models_dir(args)
+    library = ldm.Library(tmp_path / "models")
+    assert "outline" in [e.name for e in library.loras]
+    assert (tmp_path / "models" / "Lora" / "outline.safetensors").resolve() == LORA.resolve()
+    mine = tmp_path / "mine"
+    app.check_models_dir(app.parse_args(["--models-dir", str(mine)]))  # a user's own folder is left alone
+    assert not ldm.Library(mine).loras
