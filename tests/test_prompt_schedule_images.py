@@ -16,6 +16,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 import ldm
 import tiny_sdxl
 from ldm import samplers
+from ldm.metadata import parse_infotext
 from pixels import gens, max_diff
 
 TOL = 2  # per pixel, out of 255
@@ -140,7 +141,7 @@ def test_sd_and_matches_composed_unet_outputs(base_pipe, sd_ref):
     print(f"AND: max pixel diff {diff}")
     assert diff <= TOL
     assert max_diff(ours.images, base_pipe.txt2img("a photo of a cat", steps=4, batch_size=2, **KW).images) > TOL
-    assert ours.infotexts[0].startswith("a photo of a cat AND a red hat:0.6\n")
+    assert parse_infotext(ours.infotexts[0])["Prompt"] == "a photo of a cat AND a red hat:0.6"  # PNG info round trip
 
 
 def test_and_with_a_schedule_inside_and_a_weight_alone(base_pipe, sd_ref):
@@ -222,3 +223,21 @@ def test_sdxl_schedule_swaps_embeddings_and_pooled(sdxl_model):
     assert switched > 10 * LATENT_TOL
     anded = pipe.txt2img("a photo of a cat AND a hat:0.5", steps=2, **KW)  # pooled rows per sub-prompt
     assert max_diff(anded.images, pipe.txt2img("a photo of a cat", steps=2, **KW).images) > TOL
+
+
+def test_refiner_takes_the_same_sub_prompts_and_schedule(sdxl_model, tmp_path):
+    """The refiner encodes the same plan with its own encoder: its batch has the same AND groups."""
+    pipe = ldm.load(sdxl_model, device="cpu", dtype="float32")
+    refiner = ldm.load(tiny_sdxl.save_refiner(tmp_path / "refiner"), device="cpu", dtype="float32")
+    kw = dict(steps=5, seed=3, sampler="Euler", width=W, height=H, refiner=refiner, refiner_switch_at=0.6)
+    calls = []
+    hook = refiner.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        anded = pipe.txt2img("a castle AND a hill:0.5", negative_prompt="fog", **kw)
+    finally:
+        hook.remove()
+    assert calls and set(calls) == {3}  # [uncond, castle, hill] on the refiner's steps
+    plain = pipe.txt2img("a castle", negative_prompt="fog", **kw)
+    assert max_diff(anded.images, plain.images) > TOL
+    scheduled = pipe.txt2img("[a castle:a hill:0.6]", negative_prompt="[fog:rain:0.6]", **kw)
+    assert scheduled.images[0].size == (W, H)
