@@ -21,6 +21,10 @@ escapes for ldm.prompts. A schedule is a list of (last step, text); step s (1-ba
 entry whose last step is >= s. The loop's step index i (0-based, counting U-Net calls) picks as
 A1111's sampler does: the first entry with i <= last step, so "[a:b:2]" gives a for three calls.
 
+Differences from A1111: its grammar is ambiguous where stray brackets touch a scheduled part
+("[b:0.5]:]"), and its Earley parser then sometimes keeps the part as literal text; this parser always
+reads a well-formed part. A1111 crashes on numbers such as 1e400 (int(inf)); they are clamped here.
+
 Pure text, no torch: the families encode what `PromptPlan.texts` lists, once each.
 """
 from __future__ import annotations
