@@ -12,7 +12,9 @@ Sources, noted per row:
 import pytest
 import torch
 
+from ldm.conditioning import plan_for
 from ldm.guidance import apply_cfg
+from ldm.params import GenerationParams
 from ldm.prompt_schedule import plan_prompts, prompt_schedule, sub_prompts, text_at
 
 GOLDEN = [
@@ -126,3 +128,12 @@ def test_composable_guidance_formula_and_batch_order():
     # unguided (uncond dropped): one sub-prompt is the prediction; several as A1111's skipped uncond (last as uncond)
     assert torch.equal(apply_cfg(c1, 7.0, (1.0,), guided=False), c1)
     assert torch.equal(apply_cfg(torch.cat([c1, c2]), 7.0, (1.0, 0.5), guided=False), c2 + (c1 - c2))
+
+
+def test_second_order_samplers_schedule_over_their_u_net_calls():
+    """A1111 schedules over `SamplerData.total_steps`: twice the steps for second-order samplers (Heun, DPM2,
+    DPM2 a, DPM++ SDE), which call the model about twice per step."""
+    assert plan_for(GenerationParams(prompt="[a:b:0.5]", steps=4, sampler="Heun")).conds == (((4, "a"), (8, "b")),)
+    assert plan_for(GenerationParams(prompt="[a:b:0.5]", steps=4, sampler="Euler")).conds == (((2, "a"), (4, "b")),)
+    assert plan_for(GenerationParams(prompt="[a:b:6]", steps=4, sampler="Euler"), first_pass_steps=4).conds == (
+        ((2, "a"), (4, "b")),)  # hires: step 6 of the whole timeline is step 2 of the second pass
