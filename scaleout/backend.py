@@ -81,6 +81,10 @@ class RayBackend(Backend):
                      object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1", namespace="ldm",
                      runtime_env=env, log_to_driver=False, configure_logging=False)
             self.started_ray = True
+            where = ray.util.get_node_ip_address()
+            if where not in ("127.0.0.1", "::1"):
+                log.warning("the local Ray instance is on %s, not loopback: Ray was imported before "
+                            "scaleout.config.keep_local_ray_on_loopback()", where)
         else:
             ray.init(address=self.config.address, namespace="ldm", runtime_env=env, log_to_driver=False)
         serve.start(proxy_location="Disabled")

@@ -2,11 +2,22 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 
 # ray.init's smallest object store is 75 MiB; results are a few PNG-sized images, previews a few KB.
 LOCAL_OBJECT_STORE_BYTES = 128 * 1024 * 1024
+
+
+def keep_local_ray_on_loopback() -> None:
+    """Call before Ray is imported: a local Ray instance then advertises and listens on 127.0.0.1 only.
+
+    Ray decides its node address at import (ray_constants.ENABLE_RAY_CLUSTER); on Linux it otherwise
+    takes the machine's network address even when ray.init is given 127.0.0.1, and its servers listen
+    on every interface. The variable's name speaks of Windows/OSX; it is the same switch on Linux. Not
+    for joining a cluster (the driver must advertise a reachable address there)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
+from scaleout.config import keep_local_ray_on_loopback
 
 pytestmark = pytest.mark.slow
+keep_local_ray_on_loopback()  # before Ray is imported
 pytest.importorskip("ray", reason="the Ray backend needs requirements-ray.txt")
 psutil = pytest.importorskip("psutil")
 requests = pytest.importorskip("requests")

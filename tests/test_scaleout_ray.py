@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -21,8 +23,10 @@ import pytest
 from PIL import Image
 
 from api_server import launch_api
+from scaleout.config import keep_local_ray_on_loopback
 
 pytestmark = pytest.mark.slow
+keep_local_ray_on_loopback()  # before Ray is imported
 ray = pytest.importorskip("ray", reason="the Ray backend needs requirements-ray.txt")
 requests = pytest.importorskip("requests")
 pytest.importorskip("gradio_client")
@@ -114,6 +118,21 @@ def decode(text: str) -> Image.Image:
 def test_serve_runs_two_replicas(service):
     assert service.backend.replica_states() == {"base": {"RUNNING": 2}}
     assert service.app.ctx.backend.slots(service.pipe) == 2
+
+
+def test_the_local_ray_listens_on_loopback_only(service):
+    """Every listening socket of Ray's processes (and this driver's) is on loopback, except each Serve
+    replica's inter-deployment gRPC server: Ray Serve 2.60 binds it to [::]:0 (hard-coded in
+    ray/serve/_private/replica.py; docs/scale-out.md says so)."""
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to list listening sockets")
+    pids = ray_processes() | {os.getpid()}
+    lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+    ours = [(line.split()[3], line) for line in lines if {int(p) for p in re.findall(r"pid=(\d+)", line)} & pids]
+    assert ours  # ss could see them
+    loopback = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")
+    exposed = [line for address, line in ours if not address.startswith(loopback)]
+    assert all("ServeRepli" in line for line in exposed) and len(exposed) <= 2, exposed
 
 
 def test_four_concurrent_requests_equal_the_in_process_pictures(service):

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from scaleout.config import keep_local_ray_on_loopback
 from test_scaleout_ray import ray_processes
 
 pytestmark = pytest.mark.slow
+keep_local_ray_on_loopback()  # before Ray is imported
 pytest.importorskip("ray", reason="the Ray backend needs requirements-ray.txt")
 
 DEMO = Path(__file__).resolve().parents[1] / "weights" / "demo"

@@ -12,9 +12,11 @@ import pytest
 from PIL import Image
 
 import models_folder
+from scaleout.config import keep_local_ray_on_loopback
 from test_scaleout_ray import ray_processes
 
 pytestmark = pytest.mark.slow
+keep_local_ray_on_loopback()  # before Ray is imported
 pytest.importorskip("ray", reason="the Ray backend needs requirements-ray.txt")
 
 
