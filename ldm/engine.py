@@ -24,6 +24,7 @@ from .accel import Accel
 from .components import Components, ModelKind
 from .conditioning import check_prompt_plan, plan_for
 from .denoise import DenoiseInputs, Extension, StepCallback, denoise
+from .devices import weights_dtype
 from .embeddings import EmbeddingFiles
 from .faults import guard_out_of_memory
 from .family import ModelFamily, family_for
@@ -105,7 +106,8 @@ class Model:
     def dtype(self) -> torch.dtype:
         """Dtype of latents and sampler state: float32 under a bfloat16 U-Net (8-bit mantissas would
         drift over the steps and change what a seed draws), else the U-Net's dtype as in diffusers."""
-        return torch.float32 if self.unet.dtype == torch.bfloat16 else self.unet.dtype
+        unet = weights_dtype(self.unet)  # not unet.dtype: diffusers walks every sub-module for it (~20 ms a call)
+        return torch.float32 if unet == torch.bfloat16 else unet
 
     @property
     def model_hash(self) -> str:
