@@ -246,7 +246,11 @@ def test_ranged_file_responses_reflect_no_request_headers(server):
 
 @pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN", "1e999"])
 def test_seed_infinity_sent_raw_is_a_readable_error(server, value):
-    event, data = call_raw(server, "txt2img", '{"data": ["x", "", "Euler", "Automatic", 1, 7, 32, 32, %s, 1, 1, 1, 1, 0.5, false]}' % value,
+    # txt2img's inputs in order, each at its listed default but these (the list grows with features)
+    params = server.client().view_api(print_info=False, return_format="dict")["named_endpoints"]["/txt2img"]["parameters"]
+    given = {"prompt": "x", "sampler": "Euler", "steps": 1, "width": 32, "height": 32, "seed": "SEED"}
+    data = [given.get(p["parameter_name"], p["parameter_default"]) for p in params]
+    event, data = call_raw(server, "txt2img", json.dumps({"data": data}).replace('"SEED"', value),
                            headers={"Cookie": server.cookie})
     assert event == "error"
     message = (json.loads(data) or {}).get("error") or ""

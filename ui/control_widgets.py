@@ -14,7 +14,7 @@ import ldm
 
 from . import choices, control
 from .controlnets import titles
-from .errors import failed_text, readable
+from .errors import failed_text, mark, readable
 from .state import Context
 
 SLOTS = ("setting_a", "setting_b")  # a preprocessor has at most two settings (A1111's threshold_a/b)
@@ -99,7 +99,7 @@ def _unit(ctx: Context, name: str, i: int, models: list[str], note: str, size: t
         except Exception as exc:  # noqa: BLE001 - shown next to the button
             return gr.skip(), failed_text(exc)
 
-    show.click(preview, [image, preprocessor, *sliders, resize, *size], [shown, status], concurrency_limit=2,
+    show.click(mark(preview), [image, preprocessor, *sliders, resize, *size], [shown, status], concurrency_limit=2,
                api_visibility="private")
     fields = {"enabled": enabled, "model": model, "image": image, "preprocessor": preprocessor,
               "setting_a": sliders[0], "setting_b": sliders[1], "weight": weight, "start": start, "end": end,

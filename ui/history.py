@@ -204,7 +204,7 @@ def wire_history(history: History, panel: HistoryPanel, tab: gr.Tab) -> None:
 
     p.delete.click(readable(ask), [p.paths, p.index], [p.confirm_row, p.confirm_text, p.status], queue=False,
                    api_visibility="private")
-    p.cancel.click(lambda: gr.Row(visible=False), None, p.confirm_row, queue=False, api_visibility="private")
+    p.cancel.click(readable(lambda: gr.Row(visible=False)), None, p.confirm_row, queue=False, api_visibility="private")
 
     def delete(paths: list, index, query: str, page: int, request: gr.Request):
         if index is None or not 0 <= index < len(paths):

@@ -123,7 +123,7 @@ def build(pipes: Pipes, options: Options | None = None, models: Models | None = 
                 head=page.KEYS_JS) as demo:
         gr.Markdown("### ldm")
         # Model, family, native size (and the demo model's note), read at each page load: follows switches.
-        gr.Markdown(lambda: header.model_line(ctx.pipes.base, ctx.pipes.inpaint, ctx.pipes.upscale),
+        gr.Markdown(readable(lambda: header.model_line(ctx.pipes.base, ctx.pipes.inpaint, ctx.pipes.upscale)),
                     elem_id="model-header")
         bar = model_bar(ctx)
         with gr.Tabs() as tabs_block:
