@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def refuse_loaded_models(call: Call) -> None:
+    """Loaded models given as arguments do not travel to a replica (it would have to load them by name)."""
+    if call.kwargs.get("control"):
+        raise ValueError("ControlNet units are not available with --backend ray yet (run without --backend ray)")
+    if call.kwargs.get("refiner") is not None:
+        raise ValueError("the SDXL refiner is not available with --backend ray yet (run without --backend ray)")
+
+
 class RayBackend(Backend):
     name = "ray"
 
@@ -143,8 +151,7 @@ class RayBackend(Backend):
 
     def run(self, pipe: Any, call: Call, callback: StepCallback) -> ldm.Result:
         call.validate()
-        if call.kwargs.get("control"):
-            raise ValueError("ControlNet units are not available with --backend ray yet (run without --backend ray)")
+        refuse_loaded_models(call)
         kind = pipe.components.kind.value
         handle = self.handles.get(kind)
         if handle is None:

@@ -188,3 +188,13 @@ def test_service_builder_makes_the_replicas_application():
         service.build({"model": "/m", "kind": "refiner"})
     with pytest.raises(ValueError, match="exclude each other"):
         service.build({"model": "/m", "replicas": "2", "autoscale": "1:2"})
+
+
+def test_ray_refuses_loaded_models_as_arguments_with_a_clear_message():
+    from scaleout.backend import refuse_loaded_models
+
+    refuse_loaded_models(Call("txt2img", ("a cat",), {"seed": 1}))
+    with pytest.raises(ValueError, match="ControlNet units are not available with --backend ray"):
+        refuse_loaded_models(Call("txt2img", ("a cat",), {"control": [object()]}))
+    with pytest.raises(ValueError, match="refiner is not available with --backend ray"):
+        refuse_loaded_models(Call("txt2img", ("a cat",), {"refiner": object()}))
