@@ -100,3 +100,34 @@ def test_app_links_the_addons_into_the_default_models_folder(tmp_path, monkeypat
     mine = tmp_path / "mine"
     app.check_models_dir(app.parse_args(["--models-dir", str(mine)]))  # a user's own folder is left alone
     assert not ldm.Library(mine).loras
+
+
+CONTROLNET = ADDONS / "ControlNet" / "demo-canny"
+
+
+def test_shipped_controlnet_puts_the_object_where_the_edges_are(pipe_with_addons):
+    # cases 1 and 2 of `python -m ldm_tools.eval controlnet` (docs/images/demo-controlnet.png, columns 2-3):
+    # the control scene is drawn in other colours, so only its edges can move the object
+    import ldm
+    from PIL import Image
+
+    from ldm_tools.eval import controlnet as E
+
+    net = ldm.load_controlnet(str(CONTROLNET), base=pipe_with_addons)
+    kw = dict(negative_prompt="", width=64, height=64, steps=20, guidance_scale=7.5, sampler="Euler")
+    for i, (combo, scene) in list(enumerate(E.cases(3)))[1:]:
+        target = W.shape_mask(scene.shape, scene.size, scene.x0, scene.y0)
+        unit = ldm.ControlUnit(net, Image.fromarray(W.render(scene)), preprocessor="canny")
+        guided = pipe_with_addons.txt2img(W.caption(*combo), seed=i, control=[unit], **kw).images[0]
+        plain = pipe_with_addons.txt2img(W.caption(*combo), seed=i, **kw).images[0]
+        assert E.iou(E.object_mask(guided), target) >= 0.7 > E.iou(E.object_mask(plain), target) + 0.3
+        assert W.classify(guided).obj == combo[0] and W.classify(guided).bg == combo[2]  # the prompt's colours
+
+
+def test_app_lists_the_shipped_controlnet(tmp_path, monkeypatch):
+    import app
+    import ldm
+
+    monkeypatch.chdir(tmp_path)
+    app.check_models_dir(app.parse_args([]))
+    assert "demo-canny" in [e.name for e in ldm.Library(tmp_path / "models").controlnets]
