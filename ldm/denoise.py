@@ -46,6 +46,21 @@ class StepInfo:
         return guided_batch(x, self.guided, self.conds)
 
 
+class WrappedUNet:
+    """Base of what `Extension.wrap_unet` returns: a callable standing in for `self.unet` in the loop,
+    which still shows the wrapped U-Net's dtype and config."""
+
+    unet: object
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return weights_dtype(self.unet)
+
+    @property
+    def config(self):
+        return self.unet.config
+
+
 class Extension:
     """Hooks of the denoising loop; each default does nothing, so an extension overrides only what it needs."""
 

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..denoise import Extension
-from ..devices import weights_dtype
+from ..denoise import Extension, WrappedUNet
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ def unsupported_reason(unet) -> str | None:
     return None
 
 
-class DeepCacheUNet:
+class DeepCacheUNet(WrappedUNet):
     """Calls like the U-Net (`(sample, t, encoder_hidden_states=, class_labels=, added_cond_kwargs=, return_dict=False)`);
     call n runs the full network when n % interval == 0 and the shallow path otherwise."""
 
@@ -88,14 +87,6 @@ class DeepCacheUNet:
         self.calls = 0
         self.full_calls = 0
         self.deep: torch.Tensor | None = None  # input of the last up block at the last full step
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return weights_dtype(self.unet)
-
-    @property
-    def config(self):
-        return self.unet.config
 
     def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                  class_labels: torch.Tensor | None = None, return_dict: bool = False,

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..denoise import Extension
-from ..devices import weights_dtype
+from ..denoise import Extension, WrappedUNet
 from .fast import DeepCacheUNet
 
 DOWNSAMPLES = (1, 2, 4, 8)
@@ -63,7 +62,7 @@ class TokenMerging(Extension):
         return {"Token merging ratio": self.ratio}
 
 
-class TokenMergedUNet:
+class TokenMergedUNet(WrappedUNet):
     """Calls like the U-Net it wraps (a diffusers U-Net or the fast preset's `DeepCacheUNet`)."""
 
     def __init__(self, unet, tome: TokenMerging):
@@ -75,14 +74,6 @@ class TokenMergedUNet:
         self.layers = [m for m in modules.modules() if type(m).__name__ == "Attention" and not m.is_cross_attention
                        and hasattr(m, "set_processor")]
         self.generator = torch.Generator().manual_seed(tome.seed)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return weights_dtype(self.unet)
-
-    @property
-    def config(self):
-        return self.unet.config
 
     def __call__(self, sample: torch.Tensor, *args, **kwargs):
         grid = tuple(sample.shape[-2:])
