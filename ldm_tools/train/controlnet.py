@@ -43,15 +43,8 @@ def edge_map(image_u8: np.ndarray) -> np.ndarray:
 
 
 def make_data(cfg: ControlNetConfig, parts: F.DemoParts) -> dict:
-    combos = W.train_combos()
-    rng = np.random.default_rng(cfg.seed + 10)
-    images = np.empty((cfg.n_images, W.IMAGE_SIZE, W.IMAGE_SIZE, 3), dtype=np.uint8)
-    edges = np.empty((cfg.n_images, W.IMAGE_SIZE, W.IMAGE_SIZE), dtype=np.uint8)
-    idx = np.empty(cfg.n_images, dtype=np.int64)
-    for i in range(cfg.n_images):
-        idx[i] = i % len(combos)
-        images[i] = W.render(W.random_scene(rng, combos[idx[i]]))
-        edges[i] = edge_map(images[i])
+    images, idx = F.render_set(cfg.n_images, cfg.seed + 10)
+    edges = np.stack([edge_map(image) for image in images])
     return {"latents": F.encode(parts.vae, images), "edges": torch.from_numpy(edges > 127),
             "combo": torch.from_numpy(idx)}
 
@@ -60,12 +53,7 @@ def train_controlnet(out: str | Path, work_dir: str | Path, cfg: ControlNetConfi
                      resume: bool = False, export_only: bool = False) -> dict:
     from diffusers import ControlNetModel
 
-    work = Path(work_dir)
-    if work.exists() and any(work.glob("*_ckpt.pt")) and not resume:
-        raise FileExistsError(f"{work} already holds checkpoints; pass --resume to continue or remove it")
-    work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    parts = F.load_demo(model)
+    work, parts = F.start_work(work_dir, resume, cfg.seed, model)
     data = F.cached(work / "data.pt", lambda: make_data(cfg, parts))
     net = ControlNetModel.from_unet(parts.unet, conditioning_embedding_out_channels=cfg.embedding_channels)
     net.train()

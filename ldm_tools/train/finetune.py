@@ -102,6 +102,30 @@ class Captions:
                             for ri, vi, vs in zip(r, v, (self.variants[i] for i in combo_idx.tolist()))])
 
 
+def start_work(work_dir: str | Path, resume: bool, seed: int, model: str | Path) -> tuple[Path, DemoParts]:
+    """The run's work folder (refusing to overwrite another run's checkpoints unless resuming), torch seeded,
+    and the frozen demo model."""
+    work = Path(work_dir)
+    if work.exists() and any(work.glob("*_ckpt.pt")) and not resume:
+        raise FileExistsError(f"{work} already holds checkpoints; pass --resume to continue or remove it")
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    return work, load_demo(model)
+
+
+def render_set(n: int, seed: int, **render_kw) -> tuple[np.ndarray, np.ndarray]:
+    """n world renders ([n, H, W, 3] uint8) cycling through the training combinations, and each one's
+    combination index; `render_kw` goes to `world.render` (e.g. outline=)."""
+    combos = W.train_combos()
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, W.IMAGE_SIZE, W.IMAGE_SIZE, 3), dtype=np.uint8)
+    idx = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        idx[i] = i % len(combos)
+        images[i] = W.render(W.random_scene(rng, combos[idx[i]]), **render_kw)
+    return images, idx
+
+
 def log(work: Path, msg: str) -> None:
     line = f"[{time.strftime('%H:%M:%S')}] {msg}"
     print(line, flush=True)

@@ -97,24 +97,13 @@ def save(path: Path, layers: dict[str, LoraLayer], cfg: LoraConfig, meta: dict) 
 
 
 def make_data(cfg: LoraConfig, parts: F.DemoParts) -> dict:
-    combos = W.train_combos()
-    rng = np.random.default_rng(cfg.seed)
-    images = np.empty((cfg.n_images, W.IMAGE_SIZE, W.IMAGE_SIZE, 3), dtype=np.uint8)
-    idx = np.empty(cfg.n_images, dtype=np.int64)
-    for i in range(cfg.n_images):
-        idx[i] = i % len(combos)
-        images[i] = W.render(W.random_scene(rng, combos[idx[i]]), outline=cfg.outline)
+    images, idx = F.render_set(cfg.n_images, cfg.seed, outline=cfg.outline)
     return {"latents": F.encode(parts.vae, images), "combo": torch.from_numpy(idx)}
 
 
 def train_lora(out: str | Path, work_dir: str | Path, cfg: LoraConfig, model: str = "weights/demo",
                resume: bool = False, export_only: bool = False) -> dict:
-    work = Path(work_dir)
-    if work.exists() and any(work.glob("*_ckpt.pt")) and not resume:
-        raise FileExistsError(f"{work} already holds checkpoints; pass --resume to continue or remove it")
-    work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    parts = F.load_demo(model)
+    work, parts = F.start_work(work_dir, resume, cfg.seed, model)
     data = F.cached(work / "data.pt", lambda: make_data(cfg, parts))
     layers = add_lora(parts.unet, cfg.rank, cfg.alpha)
     lora_params = [p for layer in layers.values() for p in (layer.down.weight, layer.up.weight)]
