@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ldm.single_file import SDXL_CONFIG
+
 # SD 1.5's scheduler config (v1-inference.yaml), as diffusers ships it.
 SD15_SCHEDULER = {
     "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -105,32 +107,13 @@ def taesd_decoder_file(path: Path, seed: int = 0) -> Path:
     return path
 
 
-# ---- SDXL shapes (stabilityai/stable-diffusion-xl-base-1.0's configs, random weights) --------------
-
-SDXL_SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading",
-    "interpolation_type": "linear", "use_karras_sigmas": False, "set_alpha_to_one": False, "skip_prk_steps": True,
-    "clip_sample": False, "sample_max_value": 1.0,
-}
-
-
-def sdxl_unet_config() -> dict:
-    return dict(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    )
-
+# ---- SDXL shapes (the library's bundled SDXL-base configs, ldm/configs/sdxl; random weights) -----------
 
 def sdxl_unet(seed: int):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**sdxl_unet_config()).eval()
+    return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_CONFIG / "unet")).eval()
 
 
 def ensure_sdxl_folder(folder: Path, tokenizer: Path, seed: int = 0) -> Path:
@@ -161,15 +144,7 @@ def ensure_sdxl_folder(folder: Path, tokenizer: Path, seed: int = 0) -> Path:
     v = vae(seed)
     v.register_to_config(scaling_factor=0.13025, force_upcast=True)
     v.save_pretrained(folder / "vae")
-    (folder / "scheduler").mkdir()
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER))
-    index = {
-        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1", "force_zeros_for_empty_prompt": True,
-        "tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index))
+    shutil.copytree(SDXL_CONFIG / "scheduler", folder / "scheduler")  # the library's bundled SDXL configs
+    shutil.copy(SDXL_CONFIG / "model_index.json", folder / "model_index.json")
     done.write_text(f"seed {seed}\n")
     return folder
