@@ -1,3 +1,4 @@
+import contextlib
 import os
 import socket
 import sys
@@ -24,6 +25,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launched(demo):
+    """`demo` (a built Gradio app) served on a free loopback port; yields its URL and closes it afterwards."""
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
 
 # Tiny models gain nothing from threads, and spinning OpenMP threads collapse when the cores are busy.
 torch.set_num_threads(int(os.environ.get("LDM_TEST_THREADS", "1")))

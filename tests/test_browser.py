@@ -14,7 +14,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, free_port
+from conftest import CHROMIUM, launched
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
@@ -36,10 +36,8 @@ def url(base_pipe, tmp_path_factory):
     # The demo model makes a screenshot worth showing; the tiny one only proves the wiring.
     pipe = ldm.load(DEMO, device="cpu", dtype="float32") if (DEMO / "model_index.json").exists() else base_pipe
     demo = build(Pipes(pipe), Options(outputs=tmp_path_factory.mktemp("browser-outputs"), preview_every=2))
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with launched(demo) as url:
+        yield url
 
 
 def gallery_file(page, tab: str) -> Path:

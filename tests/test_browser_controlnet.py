@@ -10,7 +10,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, free_port
+from conftest import CHROMIUM, launched
 
 import tiny
 from ldm.control_preprocess import preprocess
@@ -35,10 +35,8 @@ def url(base_model, tmp_path_factory):
     random_controlnet(tiny.unet(), 1).save_pretrained(root / "ControlNet" / "tiny-canny", safe_serialization=True)
     pipe = ldm.load(base_model, device="cpu", dtype="float32", models_dir=root)
     demo = build(Pipes(pipe), Options(outputs=tmp_path_factory.mktemp("browser-cn-outputs"), preview_every=0))
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with launched(demo) as url:
+        yield url
 
 
 def served_file(page, selector: str) -> Path:

@@ -3,7 +3,7 @@ model what it can draw; tooltips on the unlabelled icon buttons. Headless Chromi
 from __future__ import annotations
 
 import pytest
-from conftest import CHROMIUM, ROOT, free_port
+from conftest import CHROMIUM, ROOT, launched
 
 pytestmark = pytest.mark.browser
 
@@ -23,10 +23,8 @@ def url(tmp_path_factory):
         pytest.skip("the demo model is not in weights/demo")
     demo = build(Pipes(ldm.load(DEMO, device="cpu", dtype="float32")),
                  Options(outputs=tmp_path_factory.mktemp("header-outputs"), preview_every=0))
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with launched(demo) as url:
+        yield url
 
 
 def test_header_names_the_model_family_native_size_and_what_the_demo_draws(page):

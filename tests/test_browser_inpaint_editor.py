@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, free_port
+from conftest import CHROMIUM, launched
 
 pytestmark = pytest.mark.browser
 
@@ -26,10 +26,8 @@ def url(base_pipe, tmp_path_factory):
     from ui.state import Options, Pipes
 
     demo = build(Pipes(base_pipe), Options(outputs=tmp_path_factory.mktemp("editor-outputs"), preview_every=0))
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with launched(demo) as url:
+        yield url
 
 
 def shot(editor) -> np.ndarray:

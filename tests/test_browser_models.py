@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CHROMIUM, CHROMIUM_ARGS, free_port
+from conftest import CHROMIUM, CHROMIUM_ARGS, launched
 
 import models_folder
 
@@ -29,10 +29,8 @@ def app(tmp_path_factory):
     demo = build(Pipes(pipe), Options(outputs=tmp_path_factory.mktemp("browser-outputs"), preview_every=0),
                  Models(pipe, loader=load, spec="alpha"))
     del pipe
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/", demo.ldm_context
-    demo.close()
+    with launched(demo) as url:
+        yield url, demo.ldm_context
 
 
 @pytest.fixture

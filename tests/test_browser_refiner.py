@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CHROMIUM, free_port
+from conftest import CHROMIUM, launched
 from PIL import Image
 
 import tiny_sdxl
@@ -39,10 +39,8 @@ def url(tmp_path_factory):
     pipe = load("xl")
     demo = build(Pipes(pipe), Options(outputs=tmp_path_factory.mktemp("browser-refiner-outputs"), preview_every=0),
                  Models(pipe, loader=load, spec="xl"))
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with launched(demo) as url:
+        yield url
 
 
 def test_refiner_from_the_accordion_and_back_from_png_info(page, tmp_path):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, free_port
+from conftest import CHROMIUM, launched
 
 pytestmark = pytest.mark.browser
 
@@ -23,10 +23,8 @@ def app(base_pipe, tmp_path_factory):
 
     outputs = tmp_path_factory.mktemp("webp-outputs")
     demo = build(Pipes(base_pipe), Options(outputs=outputs, preview_every=0, save_format="webp"))
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield {"url": f"http://127.0.0.1:{port}/", "outputs": outputs}
-    demo.close()
+    with launched(demo) as url:
+        yield {"url": url, "outputs": outputs}
 
 
 @pytest.fixture
