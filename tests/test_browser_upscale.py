@@ -47,8 +47,14 @@ def test_txt2img_hires_fix_uses_the_chosen_upscaler(page):
     page.fill("#txt2img-prompt textarea", "a red circle")
     page.get_by_text("Hires fix", exact=True).click()
     page.locator("#txt2img-hires-scale input[type=number]").wait_for(timeout=10_000)
-    set_number(page, "txt2img-hires-scale", 2)
-    set_number(page, "txt2img-hires-steps", 2)
+    # The accordion renders its sliders on first open; under load that may land after a first fill and
+    # reset it, so each value is set again until it stays (the assertion below still needs both).
+    for elem_id in ("txt2img-hires-scale", "txt2img-hires-steps"):
+        for _ in range(3):
+            set_number(page, elem_id, 2)
+            time.sleep(0.7)
+            if page.input_value(f"#{elem_id} input[type=number]") == "2":
+                break
     page.locator("#txt2img-hires-upscaler").get_by_text("Lanczos").click()
     page.click("#txt2img-generate")
     info = wait_done(page, "txt2img")
