@@ -13,14 +13,10 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import tiny
+from ldm import single_file
 
-# stabilityai/stable-diffusion-xl-base-1.0's scheduler
-SDXL_SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading",
-    "interpolation_type": "linear", "use_karras_sigmas": False, "sample_max_value": 1.0, "set_alpha_to_one": False,
-    "skip_prk_steps": True, "clip_sample": False,
-}
+# SDXL base 1.0's scheduler and model index, as the library bundles them for single files
+SDXL_CONFIGS = single_file.BUNDLED_CONFIGS["sdxl"]
 TIME_EMBED = 8
 PROJECTION = 16
 
@@ -67,16 +63,8 @@ def save_model(folder: Path, *, unet_model=None, seed: int = 0) -> Path:
     text_encoder_2(seed).save_pretrained(folder / "text_encoder_2", safe_serialization=True)
     (unet_model or unet(seed)).save_pretrained(folder / "unet", safe_serialization=True)
     tiny.vae(seed, scaling_factor=0.13025).save_pretrained(folder / "vae", safe_serialization=True)
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER))
-    index = {
-        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1", "force_zeros_for_empty_prompt": True,
-        "tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index))
+    shutil.copytree(SDXL_CONFIGS / "scheduler", folder / "scheduler", dirs_exist_ok=True)
+    shutil.copy(SDXL_CONFIGS / "model_index.json", folder / "model_index.json")
     return folder
 
 
