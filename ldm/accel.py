@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .resident import keep_resident, mapped_file_ranges  # noqa: F401  (mapped_file_ranges: public here too)
+
 log = logging.getLogger(__name__)
 
 
@@ -160,48 +162,6 @@ def apply_offload(components, mode: str, device: torch.device) -> str:
         for module in order:
             cpu_offload(module, execution_device=device)
     return mode
-
-
-# ---- resident weights ------------------------------------------------------------------------------
-
-
-def mapped_file_ranges(maps: str | None = None, suffix: str = ".safetensors") -> list[tuple[int, int]]:
-    """Address ranges of this process mapping weight files (/proc/self/maps; none elsewhere)."""
-    if maps is None:
-        try:
-            with open("/proc/self/maps") as f:
-                maps = f.read()
-        except OSError:
-            return []
-    out = []
-    for line in maps.splitlines():
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5].strip().endswith(suffix):
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            out.append((lo, hi))
-    return out
-
-
-def keep_resident(modules, ranges: list[tuple[int, int]] | None = None) -> int:
-    """Copy weights that still live in mmapped safetensors files into private memory; returns the bytes copied.
-
-    Why: diffusers leaves CPU weights as views of the mmapped file. Those are clean page-cache pages,
-    so after a pause under memory pressure the kernel drops them and the next request reads the
-    weights from disk again (and every first request takes millions of page faults). Private copies
-    stay in RAM (there is no swap on typical servers); the cost is one copy at load."""
-    ranges = mapped_file_ranges() if ranges is None else ranges
-    if not ranges:
-        return 0
-    copied = 0
-    for module in modules:
-        if module is None:
-            continue
-        for t in (*module.parameters(), *module.buffers()):
-            ptr = t.data_ptr()
-            if t.device.type == "cpu" and any(lo <= ptr < hi for lo, hi in ranges):
-                t.data = t.data.clone()
-                copied += t.numel() * t.element_size()
-    return copied
 
 
 def configure(components, *, device: torch.device, attention: str = "auto", compile: bool = False,

@@ -1,0 +1,85 @@
+"""Weights copied out of mmapped safetensors files (ldm.resident): same values, private memory, and the
+copy does not count the file's pages in the process's memory as well (the load peak does not double)."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.resident import file_mappings, keep_resident
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMAPS = """\
+7f00-7f80 rw-p 00001000 fd:01 12                         /models/unet/diffusion_pytorch_model.safetensors
+Size:                  2 kB
+Anonymous:             0 kB
+7f80-7fc0 rw-p 00000000 fd:01 14                         /models/vae/diffusion_pytorch_model.safetensors
+Anonymous:             4 kB
+7fc0-7fff r-xp 00000000 fd:01 13                         /usr/lib/libc.so.6
+Anonymous:             0 kB
+"""
+
+
+def test_file_mappings_parse_smaps():
+    unet, vae = file_mappings(SMAPS)
+    assert (unet.lo, unet.hi, unet.offset, unet.device, unet.inode) == (0x7F00, 0x7F80, 0x1000, (0xFD, 1), 12)
+    assert not unet.modified  # written pages (Anonymous > 0) mean the mapping may differ from the file
+    assert vae.modified and vae.path == "/models/vae/diffusion_pytorch_model.safetensors"
+
+
+def _mapped_linear(file: Path, n: int) -> torch.nn.Linear:
+    from safetensors.torch import load_file
+
+    linear = torch.nn.Linear(n, n, device="meta")
+    linear.load_state_dict(load_file(file), assign=True)  # parameters are views of the mapped file
+    return linear
+
+
+def test_copies_equal_the_file_and_leave_the_mapping(tmp_path):
+    from safetensors.torch import save_file
+
+    weights = {"weight": torch.randn(64, 64), "bias": torch.randn(64)}
+    save_file(weights, tmp_path / "w.safetensors")
+    linear = _mapped_linear(tmp_path / "w.safetensors", 64)
+    assert any(m.holds(linear.weight.data_ptr()) for m in file_mappings())
+    assert keep_resident([linear, None]) == (64 * 64 + 64) * 4
+    assert torch.equal(linear.weight, weights["weight"]) and torch.equal(linear.bias, weights["bias"])
+    assert not any(m.holds(p.data_ptr()) for p in linear.parameters() for m in file_mappings())
+    assert keep_resident([linear]) == 0
+
+
+PEAK = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch
+    from safetensors.torch import load_file
+    from ldm.resident import keep_resident
+
+    def kb(field):
+        return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+
+    linear = torch.nn.Linear({n}, {n}, bias=False, device="meta")
+    linear.load_state_dict(load_file(sys.argv[1]), assign=True)
+    before = kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    copied = keep_resident([linear])
+    print(copied, (kb("VmHWM") - before) * 1024)
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
+def test_load_peak_is_the_weights_once_not_twice(tmp_path):
+    """~200 MB of mapped weights: copying them grows the peak RSS by about their size. Copying through the
+    mapping (the former way) faulted every file page into the process too: ~2x."""
+    from safetensors.torch import save_file
+
+    n = 7000
+    save_file({"weight": torch.randn(n, n)}, tmp_path / "big.safetensors")
+    out = subprocess.run([sys.executable, "-c", PEAK.format(n=n), str(tmp_path / "big.safetensors")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    copied, growth = int(out[0]), int(out[1])
+    assert copied == n * n * 4
+    assert growth < 1.25 * copied, f"peak grew by {growth / 2**20:.0f} MB for {copied / 2**20:.0f} MB of weights"
