@@ -303,9 +303,6 @@ def check_units(control, unet_config, *, extensions: Sequence = ()) -> list[Cont
     for u in units:
         if not isinstance(u, ControlUnit):
             raise ValueError(f"control must be a list of ldm.ControlUnit, got {type(u).__name__}")
-    if units and dict(unet_config).get("addition_embed_type") is not None:
-        raise ValueError("ControlNet on SDXL models is not supported yet (their ControlNets need the pooled text "
-                         "embedding and size ids); use an SD 1.x/2.x model")
     if units and any(isinstance(e, FastPreset) for e in extensions):
         raise ValueError("the fast preset cannot be combined with ControlNet (its cached U-Net steps skip the "
                          "ControlNet residuals); turn fast off")

@@ -85,10 +85,12 @@ class Extension:
         """Extra U-Net keyword arguments (class_labels, added_cond_kwargs, ...), batched with `step.batch`."""
         return {}
 
-    def residuals(self, step: StepInfo, latents_in: torch.Tensor, embeds: torch.Tensor) -> dict | None:
+    def residuals(self, step: StepInfo, latents_in: torch.Tensor, embeds: torch.Tensor,
+                  unet_kwargs: dict) -> dict | None:
         """Residuals added inside the U-Net (`down_block_additional_residuals`, a tuple, and
         `mid_block_additional_residual`); from several extensions they add up. `latents_in` are the scaled
-        latents before extra channels, `embeds` the step's text conditioning."""
+        latents before extra channels, `embeds` the step's text conditioning, `unet_kwargs` the step's other
+        U-Net keyword arguments (every extension's `unet_kwargs` merged, e.g. SDXL's added_cond_kwargs)."""
         return None
 
     def after_step(self, step: StepInfo, latents: torch.Tensor) -> torch.Tensor:
@@ -138,7 +140,8 @@ def denoise(unet, inputs: DenoiseInputs, callback: StepCallback | None = None) -
         kwargs = {}
         for ext in exts:
             kwargs.update(ext.unet_kwargs(step))
-        kwargs.update(_sum_residuals(e.residuals(step, latents_in, embeds) for e in exts))
+        inputs_so_far = dict(kwargs)
+        kwargs.update(_sum_residuals(e.residuals(step, latents_in, embeds, inputs_so_far) for e in exts))
         pred = unet(model_in.to(unet_dtype), t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
         pred = pred.to(latents.dtype)
         pred = apply_cfg(pred, inputs.guidance_scale, weights, step.guided)

@@ -586,12 +586,3 @@ def test_a_controlnet_is_found_by_name_in_the_models_folder(base_model, cn_folde
     assert cn.name == "control_tiny_canny" and cn.path == root / "ControlNet" / "sub" / "control_tiny_canny"
     with pytest.raises(ValueError, match="control_tiny_cany"):
         ldm.load_controlnet("control_tiny_cany", base=pipe)
-
-
-def test_controlnet_on_an_sdxl_model_is_refused_for_now(cns):
-    from ldm.controlnet import check_units
-
-    sdxl = {**dict(tiny.unet().config), "addition_embed_type": "text_time", "cross_attention_dim": 2048}
-    with pytest.raises(ValueError, match="ControlNet on SDXL models is not supported yet"):
-        check_units([ldm.ControlUnit(cns[0], control_image())], sdxl)
-    assert check_units([], sdxl) == [] and check_units(None, sdxl) == []

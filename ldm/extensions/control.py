@@ -5,7 +5,9 @@ Per step, as diffusers' `StableDiffusionControlNetPipeline` does it:
 * a unit is active at step i of n unless i/n < start or (i + 1)/n > end; an inactive unit costs
   nothing (the ControlNet is not called; diffusers calls it and multiplies by 0, the same sum);
 * the ControlNet sees the scaled 4-channel latents (before any inpainting channels), the step's text
-  conditioning and the control image in [0, 1], repeated per image and doubled for a guided step;
+  conditioning, the U-Net's added conditioning (SDXL's pooled embeddings and time ids, as
+  `StableDiffusionXLControlNetPipeline` passes them) and the control image in [0, 1], repeated per
+  image and doubled for a guided step;
 * its residuals are scaled by the weight; in guess mode by weight * logspace(-1, 0) (0.1 for the
   shallowest residual up to 1 for the middle block), and with guidance it runs on the conditional
   half only, the unconditional half getting zeros. `soft` is that scaling on both halves (A1111's
@@ -36,20 +38,23 @@ class ControlResiduals(Extension):
     soft: bool = False
     info: dict = field(default_factory=dict)  # infotext entries ({"ControlNet 0": "Module: ..."})
 
-    def residuals(self, step: StepInfo, latents_in: torch.Tensor, embeds: torch.Tensor) -> dict | None:
+    def residuals(self, step: StepInfo, latents_in: torch.Tensor, embeds: torch.Tensor,
+                  unet_kwargs: dict) -> dict | None:
         if self.weight == 0 or not active(step.index, step.total, self.start, self.end):
             return None
         # Guess mode (or a ControlNet trained with pooled conditions, which diffusers always runs so).
         guess = self.guess_mode or bool(getattr(self.net.config, "global_pool_conditions", False))
         cond_only = guess and step.guided
         image = step.batch(self.image)
+        dtype = self.net.dtype
+        added = {k: v.to(dtype) for k, v in (unet_kwargs.get("added_cond_kwargs") or {}).items()}
         if cond_only:  # [uncond, cond] -> cond (one group per AND sub-prompt)
             b = self.image.shape[0]
             image, latents_in, embeds = image[b:], latents_in[b:], embeds[b:]
-        dtype = self.net.dtype
+            added = {k: v[b:] for k, v in added.items()}
         down, mid = self.net(latents_in.to(dtype), step.timestep, encoder_hidden_states=embeds.to(dtype),
                              controlnet_cond=image.to(dtype), conditioning_scale=self.weight,
-                             guess_mode=guess or self.soft, return_dict=False)
+                             guess_mode=guess or self.soft, added_cond_kwargs=added or None, return_dict=False)
         if cond_only:
             down = [torch.cat([torch.zeros_like(d[:b]), d]) for d in down]
             mid = torch.cat([torch.zeros_like(mid[:b]), mid])
