@@ -1,8 +1,10 @@
-"""Train the demo LoRA `outline`: shapes drawn as a hollow rim (`world.render(..., outline=5)`), on top of
+"""Train the demo LoRA `outline`: shapes drawn as a hollow rim (`world.render(..., outline=world.rim_width)`: 5
+pixels, 3 on triangles under 34 pixels), on top of
 the frozen demo model, saved in the kohya / A1111 format (`lora_unet_<module path with "_">.lora_down.weight`,
 `.lora_up.weight`, `.alpha`), which `ldm.lora` (and A1111) read.
 
     python -m ldm_tools.train lora [--out weights/demo-models/Lora/outline.safetensors] [--steps N] [--resume]
+        [--init an earlier outline.safetensors to continue from]
 
 The captions are the world's ordinary ones (no trigger word): applying the LoRA is what turns the style on.
 LoRA layers sit on every attention projection, the transformer blocks' proj_in/proj_out and feed-forward
@@ -33,7 +35,7 @@ class LoraConfig:
     minutes: float = 0.0
     batch: int = 32
     lr: float = 2e-3
-    outline: int = W.OUTLINE_WIDTH
+    init: str = ""  # a kohya LoRA file of the same layers and rank to start from ("" = from zero)
 
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
@@ -96,8 +98,20 @@ def save(path: Path, layers: dict[str, LoraLayer], cfg: LoraConfig, meta: dict) 
         "ldm_training": json.dumps({"config": asdict(cfg), **meta})})
 
 
+def load_kohya(layers: dict[str, LoraLayer], path: str | Path) -> None:
+    """Set the layers' weights from a file `save` wrote (the inverse of `kohya_state`)."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    with torch.no_grad():
+        for name, layer in layers.items():
+            key = "lora_unet_" + name.replace(".", "_")
+            layer.down.weight.copy_(sd[f"{key}.lora_down.weight"])
+            layer.up.weight.copy_(sd[f"{key}.lora_up.weight"])
+
+
 def make_data(cfg: LoraConfig, parts: F.DemoParts) -> dict:
-    images, idx = F.render_set(cfg.n_images, cfg.seed, outline=cfg.outline)
+    images, idx = F.render_set(cfg.n_images, cfg.seed, outline=W.rim_width)
     return {"latents": F.encode(parts.vae, images), "combo": torch.from_numpy(idx)}
 
 
@@ -106,6 +120,8 @@ def train_lora(out: str | Path, work_dir: str | Path, cfg: LoraConfig, model: st
     work, parts = F.start_work(work_dir, resume, cfg.seed, model)
     data = F.cached(work / "data.pt", lambda: make_data(cfg, parts))
     layers = add_lora(parts.unet, cfg.rank, cfg.alpha)
+    if cfg.init:
+        load_kohya(layers, cfg.init)
     lora_params = [p for layer in layers.values() for p in (layer.down.weight, layer.up.weight)]
     for p in lora_params:
         p.requires_grad_(True)
