@@ -24,6 +24,8 @@ from ui.tempfiles import private_temp_dir, start_sweeper
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "weights" / "demo"
 DEMO_ADDONS = ROOT / "weights" / "demo-models"  # LoRA/ControlNet made for the demo model, A1111 layout
+DEMO_INPAINT = ROOT / "weights" / "demo-inpaint"  # the demo model's 9-channel inpainting variant
+DEMO_UPSCALER = ROOT / "weights" / "demo-upscaler"  # an x4 upscaler made for the demo VAE
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -43,8 +45,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Text-to-image web UI (ldm + Gradio).")
     p.add_argument("--model", default=env("MODEL", str(DEFAULT_MODEL)),
                    help="diffusers folder, single file, hub id, or a checkpoint name from --models-dir (default: weights/demo)")
-    p.add_argument("--inpaint-model", default=env("INPAINT_MODEL"), help="optional 9-channel inpainting model")
-    p.add_argument("--upscale-model", default=env("UPSCALE_MODEL"), help="optional x4 upscaler model")
+    p.add_argument("--inpaint-model", default=env("INPAINT_MODEL"),
+                   help="optional 9-channel inpainting model (with the demo model: weights/demo-inpaint when there; '' for none)")
+    p.add_argument("--upscale-model", default=env("UPSCALE_MODEL"),
+                   help="optional x4 upscaler model (with the demo model: weights/demo-upscaler when there; '' for none)")
     p.add_argument("--models-dir", default=env("MODELS_DIR", "models"),
                    help="A1111/ComfyUI-style models folder: Stable-diffusion/, Lora/, VAE/, embeddings/, ... (default models/; created if missing)")
     p.add_argument("--max-loaded-models", type=int, default=int(env("MAX_LOADED_MODELS", 1)),
@@ -184,8 +188,20 @@ def link_demo_addons(models_dir: str | os.PathLike) -> None:
             print(f"warning: could not link the demo add-on {item} into {models_dir} ({exc})", file=sys.stderr)
 
 
+def demo_companions(args: argparse.Namespace) -> None:
+    """With the demo model, --inpaint-model and --upscale-model default to the ones made for it when they
+    are there (an explicit value, "" for none, wins); other models get none unasked."""
+    if Path(args.model).resolve() != DEFAULT_MODEL.resolve():
+        return
+    if args.inpaint_model is None and DEMO_INPAINT.is_dir():
+        args.inpaint_model = str(DEMO_INPAINT)
+    if args.upscale_model is None and DEMO_UPSCALER.is_dir():
+        args.upscale_model = str(DEMO_UPSCALER)
+
+
 def load_pipelines(args: argparse.Namespace) -> state.Pipes:
     check_models_dir(args)
+    demo_companions(args)
     if Path(args.model) == DEFAULT_MODEL and not DEFAULT_MODEL.exists():
         raise SystemExit(f"error: the demo model {DEFAULT_MODEL} is not there yet; pass --model")
     return state.Pipes(load_model(args.model, args), load_model(args.inpaint_model, args), load_model(args.upscale_model, args))

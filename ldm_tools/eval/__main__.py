@@ -1,5 +1,5 @@
 """Command line: ``python -m ldm_tools.eval demo [--model weights/demo] [--seeds N]``; also ``lora``, ``controlnet``,
-``speck`` (the demo add-ons and the stray-blob count; see docs/demo-addons.md)."""
+``speck`` (the demo add-ons and the stray-blob count), ``inpaint``, ``upscaler`` (see docs/demo-addons.md)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,26 @@ def main(argv=None) -> None:
     sp.add_argument("--model", default="weights/demo")
     sp.add_argument("--prompts", type=int, default=50)
     sp.add_argument("--seeds", type=int, default=4)
+    ip = sub.add_parser("inpaint", help="recolour accuracy of the demo inpainting model and of the regular demo model")
+    ip.add_argument("--model", default="weights/demo-inpaint")
+    ip.add_argument("--base", default="weights/demo", help="the regular model to compare with ('' to skip)")
+    ip.add_argument("--cases", type=int, default=48)
+    ip.add_argument("--grid", default="docs/images/demo-inpaint.png", help="grid image ('' to skip)")
+    up = sub.add_parser("upscaler", help="the demo x4 upscaler against Lanczos and bicubic (PSNR, edge width)")
+    up.add_argument("--model", default="weights/demo-upscaler")
+    up.add_argument("--cases", type=int, default=50)
+    up.add_argument("--grid", default="docs/images/demo-upscaler.png", help="grid image ('' to skip)")
     a = p.parse_args(argv)
+    if a.cmd == "inpaint":
+        from .inpaint import run as run_inpaint
+
+        run_inpaint(a.model, a.base, n=a.cases, grid=a.grid or None)
+        return
+    if a.cmd == "upscaler":
+        from .upscaler import run as run_upscaler
+
+        run_upscaler(a.model, n=a.cases, grid=a.grid or None)
+        return
     if a.cmd == "speck":
         from .speck import run as run_speck
 
