@@ -20,6 +20,7 @@ from .engine import VERSION, Result
 from .faults import OutOfMemory
 from .latents import DecodeError
 from .library import Library, UnknownModelName
+from .openvino_backend import OpenVINONotInstalled, install as install_openvino, require_openvino
 from .loading import load_components
 from .options import ATTENTION, OFFLOAD, Options
 from .params import GenerationParams, Limits
@@ -30,7 +31,7 @@ from .tasks.hires import HIRES_UPSCALERS
 
 __all__ = ["load", "Pipeline", "Result", "Options", "GenerationParams", "Limits", "ModelKind", "ModelLoadError",
            "Cancelled", "OutOfMemory", "DecodeError", "VERSION", "upscale_image", "RESAMPLERS", "HIRES_UPSCALERS",
-           "ATTENTION", "OFFLOAD", "Library", "UnknownModelName", "PredictionType",
+           "ATTENTION", "OFFLOAD", "OpenVINONotInstalled", "Library", "UnknownModelName", "PredictionType",
            "load_controlnet", "ControlNet", "ControlUnit", "PREPROCESSORS", "CONTROL_MODES", "RESIZE_MODES"]
 
 
@@ -42,7 +43,8 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, options: Options 
 
     dtype=None or "auto": fp16 on cuda; on CPUs with native bf16, bf16 U-Net/text encoder + fp32 VAE (~2x
     faster on CPU, see docs/performance.md); else fp32. "float32" everywhere is what the parity tests use.
-    options: an `ldm.Options` (sizes, VAE tiling, memory budget, attention, compile, offload, channels_last);
+    options: an `ldm.Options` (sizes, VAE tiling, memory budget, attention, compile, offload, channels_last,
+    openvino: U-Net and VAE decoder through OpenVINO on the CPU, float32, see ldm.openvino_backend);
     its fields may also be given as keywords (`max_size=1024, attention="sdpa"`), which override `options`.
     A single .safetensors checkpoint (original SD layout) loads offline with the bundled SD 1.5 configs, or with
     `config=` (a diffusers folder supplying the architecture); pickles (.ckpt/.pt/.bin) are refused unless
@@ -67,10 +69,18 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, options: Options 
             if str(model).count("/") != 1:  # "org/name" may still be a hub id
                 raise
     dev = resolve_device(device)
+    if opts.openvino:  # before any weights load
+        require_openvino()
+        if dev.type != "cpu":
+            raise ValueError(f"openvino=True runs on the CPU; got device={str(dev)!r}")
+        if dtype is None or str(dtype).lower() == "auto":
+            dtype = "float32"  # OpenVINO converts float32 modules (its own bf16 would change the pixels)
     components = load_components(model, device=weights_device(dev, opts.offload), dtype=resolve_dtypes(dtype, dev),
                                  allow_download=allow_download, allow_pickle=allow_pickle, config=config,
                                  prediction_type=prediction)
     accel = configure(components, device=dev, attention=opts.attention, compile=opts.compile, offload=opts.offload,
                       channels_last=opts.channels_last)
+    if opts.openvino:
+        install_openvino(components.unet, components.vae, opts.openvino_cache)
     pipe = Pipeline(components, opts, accel, library=library)
     return pipe.with_vae(vae) if vae is not None else pipe

@@ -1,7 +1,7 @@
 """Runtime options of a loaded pipeline: one frozen object given to `ldm.load` and visible as `pipe.options`.
 
 Two kinds of field:
-- load-time (`attention`, `compile`, `offload`, `channels_last`): applied to the weights once, by `ldm.load`;
+- load-time (`attention`, `compile`, `offload`, `channels_last`, `openvino`): applied to the weights once, by `ldm.load`;
 - per-call behaviour (sizes, VAE tiling, memory budget): read by the tasks on every call, so
   `pipe.with_options(vae_tiling=True)` can give a second pipeline on the same weights with other values.
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 
 ATTENTION = ("auto", "sdpa", "xformers", "chunked")  # see ldm.accel.select_attention
 OFFLOAD = ("none", "model", "sequential")  # see ldm.accel.apply_offload
-LOAD_TIME = ("attention", "compile", "offload", "channels_last")
+LOAD_TIME = ("attention", "compile", "offload", "channels_last", "openvino", "openvino_cache")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class Options:
     compile: bool = False
     offload: str = "none"
     channels_last: bool | None = None  # None: on for CUDA, off elsewhere
+    openvino: bool = False  # CPU: U-Net and VAE decoder through OpenVINO (ldm.openvino_backend); float32 weights
+    openvino_cache: str | None = None  # folder for converted OpenVINO models; None: ~/.cache/ldm/openvino
 
     def validate(self) -> "Options":
         for name in ("max_size", "max_batch", "max_upscale_size", "max_prompt_tokens"):
@@ -44,6 +46,10 @@ class Options:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}; got {self.attention!r}")
         if self.offload not in OFFLOAD:
             raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}; got {self.offload!r}")
+        if not isinstance(self.openvino, bool):
+            raise ValueError(f"openvino must be True or False, got {self.openvino!r}")
+        if self.openvino and self.compile:
+            raise ValueError("openvino=True and compile=True both compile the U-Net: choose one")
         return self
 
     @property
