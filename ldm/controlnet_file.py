@@ -1,9 +1,12 @@
-"""Single-file ControlNets (A1111's models/ControlNet/*.safetensors, original layout) and the family check.
+"""Single-file ControlNets (A1111's models/ControlNet/*.safetensors) and the family check.
 
-A ControlNet copies its base U-Net's encoder half, so its diffusers config is derived from the base
-U-Net's config (never fetched from a hub), with the conditioning-embedding channels read from the
-file's `input_hint_block` and `global_pool_conditions` set for shuffle models (A1111 reads that from
-the model's .yaml; the only such official model is the v1.1 shuffle one). diffusers'
+A file holds either the original layout (`input_hint_block`, `zero_convs`, ...; SD 1.x ControlNets) or
+diffusers' names in one file (most SDXL ControlNets on the hub and Civitai). A ControlNet copies its
+base U-Net's encoder half, so its diffusers config is derived from the base U-Net's config (never
+fetched from a hub), with what the file shows on top: the conditioning-embedding channels, and for
+diffusers names the transformer depth of each block (SDXL's "mid" and "small" ControlNets are shallower
+than their U-Net); `global_pool_conditions` is set for shuffle models (A1111 reads that from the model's
+.yaml; the only such official model is the v1.1 shuffle one). diffusers'
 `ControlNetModel.from_single_file` converts the weights with that local config.
 """
 from __future__ import annotations
@@ -22,7 +25,12 @@ FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # cross-attention widt
 _HINT = re.compile(r"(?:control_model\.)?input_hint_block\.(\d+)\.weight")
 _BLOCK = re.compile(r"controlnet_cond_embedding\.blocks\.(\d+)\.weight")
 DIFFUSERS_KEY = "time_embedding.linear_1.weight"
-_CONTEXT = re.compile(r"(?:control_model\.)?input_blocks\.\d+\.1\.transformer_blocks\.0\.attn2\.to_k\.weight")
+_CONTEXT = re.compile(r"(?:control_model\.)?(?:input_blocks\.\d+\.1|middle_block\.1|down_blocks\.\d+\.attentions\.\d+|"
+                      r"mid_block\.attentions\.0)\.transformer_blocks\.0\.attn2\.to_k\.weight")
+_DOWN_DEPTH = re.compile(r"down_blocks\.(\d+)\.attentions\.0\.transformer_blocks\.(\d+)\.")
+_MID_DEPTH = re.compile(r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\.")
+_LABEL_EMB = re.compile(r"(?:control_model\.)?label_emb\.0\.([02])\.(weight|bias)")
+_ADDED = ("label_emb.", "add_embedding.")  # SDXL's pooled-embedding + time-id projection, original / diffusers names
 
 
 def family(config: dict) -> str:
@@ -33,13 +41,14 @@ def family(config: dict) -> str:
 
 
 def check_family(net: dict, unet: dict, name: str) -> None:
-    """Refuse a ControlNet whose residuals cannot fit the base U-Net (another family, other block widths)."""
+    """Refuse a ControlNet whose residuals cannot fit the base U-Net (another family, other block widths).
+    Its block types may differ (SDXL's "small" ControlNets have no attention in their down blocks)."""
     ours, theirs = family(net), family(unet)
     if (net.get("cross_attention_dim"), net.get("addition_embed_type")) != (unet.get("cross_attention_dim"),
                                                                              unet.get("addition_embed_type")):
         raise ValueError(f"ControlNet {name!r} is for {ours} but the model is {theirs}; use a ControlNet made for "
                          "the model's family")
-    shape = ("block_out_channels", "layers_per_block", "down_block_types")
+    shape = ("block_out_channels", "layers_per_block")
     if any(_listed(net.get(k)) != _listed(unet.get(k)) for k in shape) or net.get("in_channels") != unet.get("out_channels"):
         raise ValueError(f"ControlNet {name!r} does not fit this model's U-Net: its blocks "
                          f"{_listed(net.get('block_out_channels'))} x {net.get('layers_per_block')} layers, "
@@ -65,6 +74,7 @@ def derived_config(unet: dict, tensors: dict, name: str) -> dict:
         config["conditioning_channels"] = convs[0][1]
         outs = [s[0] for s in convs]
         config["conditioning_embedding_out_channels"] = [outs[0], *outs[2::2]]
+        config.update(_attention_layout(tensors, len(config["block_out_channels"]), name))
     else:  # original layout: input_hint_block = conv_in, SiLU, (conv, SiLU, strided conv, SiLU) ..., conv_out
         hint = sorted((int(m[1]), shape) for key, (_, shape) in tensors.items() if (m := _HINT.fullmatch(key)))
         if len(hint) < 3:
@@ -77,10 +87,30 @@ def derived_config(unet: dict, tensors: dict, name: str) -> dict:
     return config
 
 
+def _attention_layout(tensors: dict, blocks: int, name: str) -> dict:
+    """Down block types and transformer depths from diffusers' key names; diffusers' ControlNetModel gives
+    the middle block the last down block's depth, so a file where the two differ cannot be expressed."""
+    down, mid = {}, 0
+    for key in tensors:
+        if m := _DOWN_DEPTH.match(key):
+            down[int(m[1])] = max(down.get(int(m[1]), 0), int(m[2]) + 1)
+        elif m := _MID_DEPTH.match(key):
+            mid = max(mid, int(m[1]) + 1)
+    if not down and not mid:
+        return {}
+    if mid and down.get(blocks - 1, mid) != mid:
+        raise ModelLoadError(f"{name}: the last down block has {down[blocks - 1]} transformer layers and the middle "
+                             f"block {mid}; a ControlNet needs them equal")
+    depths = [down.get(i, 1) for i in range(blocks)]
+    depths[-1] = mid or depths[-1]
+    return {"down_block_types": ["CrossAttnDownBlock2D" if i in down else "DownBlock2D" for i in range(blocks)],
+            "transformer_layers_per_block": depths}
+
+
 def file_family(tensors: dict) -> dict:
     """What the weights say about the family, before they are read: cross-attention width, SDXL embeddings."""
     context = next((shape[1] for key, (_, shape) in tensors.items() if _CONTEXT.fullmatch(key)), None)
-    sdxl = any(k.removeprefix("control_model.").startswith("label_emb.") for k in tensors)
+    sdxl = any(k.removeprefix("control_model.").startswith(_ADDED) for k in tensors)
     return {"cross_attention_dim": 2048 if sdxl and context is None else context,
             "addition_embed_type": "text_time" if sdxl else None}
 
@@ -90,17 +120,30 @@ def load_controlnet_file(file: Path, unet: dict, dtype) -> torch.nn.Module:
     from safetensors.torch import load_file
 
     tensors = check_safetensors(file)
-    if DIFFUSERS_KEY not in tensors:  # the family is visible in the original layout's keys and shapes
-        found = file_family(tensors)
-        if found["cross_attention_dim"] is not None:
-            check_family({**unet, **found}, unet, file.stem)
+    found = file_family(tensors)  # the family is visible in the keys and shapes of either layout
+    if found["cross_attention_dim"] is not None:
+        check_family({**unet, **found}, unet, file.stem)
     config = derived_config(unet, tensors, file.stem)
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps(config))
         try:
-            module = ControlNetModel.from_single_file(load_file(str(file)), config=folder, local_files_only=True,
-                                                      torch_dtype=dtype)
+            module = ControlNetModel.from_single_file(_diffusers_names(load_file(str(file)), config), config=folder,
+                                                      local_files_only=True, torch_dtype=dtype)
         except (RuntimeError, ValueError, KeyError, OSError, TypeError) as exc:
             raise ModelLoadError(f"{file}: the ControlNet could not be loaded ({type(exc).__name__}: {str(exc)[:300]})") from None
     require_complete(module, "ControlNet", file)
     return module
+
+
+def _diffusers_names(state: dict, config: dict) -> dict:
+    """The original layout renamed by diffusers' converter, plus SDXL's `label_emb` (pooled embedding + time
+    ids), which that converter leaves out of ControlNets; diffusers names pass through."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    if DIFFUSERS_KEY in state:
+        return state
+    out = convert_controlnet_checkpoint(state, config)
+    for key, value in state.items():
+        if m := _LABEL_EMB.fullmatch(key):
+            out[f"add_embedding.linear_{int(m[1]) // 2 + 1}.{m[2]}"] = value
+    return out

@@ -528,6 +528,8 @@ def original_controlnet_layout(net: ControlNetModel, prefix: str = "") -> dict:
             name = f"zero_convs.{m[1]}.0.{m[2]}"
         elif m := re.fullmatch(r"controlnet_mid_block\.(weight|bias)", key):
             name = f"middle_block_out.0.{m[1]}"
+        elif m := re.fullmatch(r"add_embedding\.linear_([12])\.(weight|bias)", key):  # SDXL's pooled + time ids
+            name = f"label_emb.0.{2 * int(m[1]) - 2}.{m[2]}"
         else:
             name = _unet_key(key, net.config)
         out[prefix + name] = value.contiguous()

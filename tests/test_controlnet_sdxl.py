@@ -144,3 +144,147 @@ def test_inpaint_matches_diffusers_inside_the_mask(sdxl_model, sdxl_pipe, xl_fol
     print(f"sdxl controlnet parity inpaint: max pixel diff inside the mask {diff}, control effect {effect}")
     assert diff <= TOL
     assert effect > VISIBLE
+
+
+# ---- loading: folders and single files, the family check both ways --------------------------------------
+
+
+def small_controlnet(seed: int) -> ControlNetModel:
+    """An SDXL ControlNet shaped like diffusers' "controlnet-*-sdxl-1.0-small": no attention in its down blocks,
+    a shallower middle block than its U-Net's, zero convolutions randomised."""
+    config = {**dict(random_controlnet(tiny_sdxl.unet(), seed).config), "down_block_types": ["DownBlock2D"] * 2,
+              "transformer_layers_per_block": [1, 1]}
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_config(config)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1)
+    return net.eval()
+
+
+def same_weights(loaded, net) -> bool:
+    ours, theirs = loaded.module.state_dict(), net.state_dict()
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_single_files_load_with_a_config_from_the_base(sdxl_pipe, xl_folders, xl_cns, tmp_path):
+    from safetensors.torch import save_file
+    from test_controlnet import original_controlnet_layout
+
+    net = ControlNetModel.from_pretrained(xl_folders[0])
+    flat = tmp_path / "controlnet-tiny-sdxl.safetensors"  # diffusers' names in one file, as the hub ships them
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(flat))
+    loaded = ldm.load_controlnet(flat, base=sdxl_pipe)
+    assert same_weights(loaded, net) and loaded.config.addition_embed_type == "text_time"
+    kw = dict(width=W, height=H, steps=3, seed=4, sampler="Euler")
+    a, b = (sdxl_pipe.txt2img("x", control=[ldm.ControlUnit(cn, control_image(0, W, H))], **kw) for cn in (loaded, xl_cns[0]))
+    assert max_diff(a.images, b.images) == 0
+    # The original layout (label_emb, input_hint_block, ...), with the real hint block: 4 widths, 3 downsamplings.
+    torch.manual_seed(0)
+    real_hint = ControlNetModel.from_unet(tiny_sdxl.unet(), conditioning_embedding_out_channels=(4, 8, 8, 16))
+    for p in real_hint.parameters():
+        p.data.normal_(0, 0.1)
+    original = tmp_path / "control_tiny_sdxl.safetensors"
+    save_file(original_controlnet_layout(real_hint, "control_model."), str(original))
+    assert same_weights(ldm.load_controlnet(original, base=sdxl_pipe), real_hint)
+
+
+def test_shallower_sdxl_controlnets_load_from_folders_and_single_files(sdxl_pipe, tmp_path):
+    from safetensors.torch import save_file
+
+    net = small_controlnet(5)
+    net.save_pretrained(tmp_path / "controlnet-small", safe_serialization=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "controlnet-small.safetensors"))
+    folder = ldm.load_controlnet(tmp_path / "controlnet-small", base=sdxl_pipe)
+    single = ldm.load_controlnet(tmp_path / "controlnet-small.safetensors", base=sdxl_pipe)
+    assert same_weights(folder, net) and same_weights(single, net)
+    assert list(single.config.down_block_types) == ["DownBlock2D"] * 2
+    kw = dict(width=W, height=H, steps=3, seed=4, sampler="Euler")
+    a, b = (sdxl_pipe.txt2img("x", control=[ldm.ControlUnit(cn, control_image(0, W, H))], **kw) for cn in (folder, single))
+    assert max_diff(a.images, b.images) == 0 and max_diff(a.images, sdxl_pipe.txt2img("x", **kw).images) > VISIBLE
+
+
+@pytest.fixture(scope="module")
+def sd1_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-controlnet-sd1")
+    random_controlnet(tiny.unet(), 1).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def corrupt_weights(src, dst):
+    """`src`'s config with weights that fail to read: a refusal that names the family proves they were not read."""
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    (dst / "diffusion_pytorch_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    return dst
+
+
+SD1_ON_SDXL = r"is for an unknown family \(cross-attention 32\) but the model is SDXL \(cross-attention 80\)"
+SDXL_ON_SD1 = r"is for SDXL \(cross-attention 80\) but the model is an unknown family \(cross-attention 32\)"
+
+
+def test_a_controlnet_of_the_other_family_is_refused_before_its_weights_are_read(
+        sdxl_pipe, base_pipe, sd1_folder, xl_folders, tmp_path):
+    with pytest.raises(ValueError, match=SD1_ON_SDXL):
+        ldm.load_controlnet(corrupt_weights(sd1_folder, tmp_path / "sd1"), base=sdxl_pipe)
+    with pytest.raises(ValueError, match=SDXL_ON_SD1):
+        ldm.load_controlnet(corrupt_weights(xl_folders[0], tmp_path / "sdxl"), base=base_pipe)
+    with pytest.raises(ldm.ModelLoadError, match="corrupt or incomplete"):  # the same files with the right base
+        ldm.load_controlnet(tmp_path / "sdxl", base=sdxl_pipe)
+
+
+def test_single_files_of_the_other_family_are_refused_before_their_weights_are_read(sdxl_pipe, base_pipe, tmp_path,
+                                                                                    monkeypatch):
+    from safetensors.torch import save_file
+
+    from test_controlnet import original_controlnet_layout
+
+    sd1, xl = random_controlnet(tiny.unet(), 1), random_controlnet(tiny_sdxl.unet(), 1)
+    files = {}
+    for name, net in (("sd1", sd1), ("sdxl", xl)):
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / f"{name}.safetensors"))
+        save_file(original_controlnet_layout(net), str(tmp_path / f"{name}_original.safetensors"))
+    import safetensors.torch
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_reading)
+    for layout in ("", "_original"):
+        with pytest.raises(ValueError, match=SD1_ON_SDXL):
+            ldm.load_controlnet(tmp_path / f"sd1{layout}.safetensors", base=sdxl_pipe)
+        with pytest.raises(ValueError, match=SDXL_ON_SD1):
+            ldm.load_controlnet(tmp_path / f"sdxl{layout}.safetensors", base=base_pipe)
+
+
+def count_calls(*modules):
+    calls = []
+    return calls, [m.register_forward_hook(lambda *a: calls.append(1)) for m in modules]
+
+
+def test_units_of_the_other_family_are_refused_before_model_work(sdxl_pipe, base_pipe, sd1_folder, xl_folders):
+    sd1, xl = ldm.load_controlnet(sd1_folder), ldm.load_controlnet(xl_folders[0])  # no base: checked at generation
+    calls, hooks = count_calls(sdxl_pipe.unet, base_pipe.unet, sd1.module, xl.module)
+    try:
+        with pytest.raises(ValueError, match=SD1_ON_SDXL):
+            sdxl_pipe.txt2img("x", control=[ldm.ControlUnit(sd1, control_image(0, W, H))], width=W, height=H, steps=2)
+        with pytest.raises(ValueError, match=SDXL_ON_SD1):
+            base_pipe.img2img(noise_image(0), "x", control=[ldm.ControlUnit(xl, control_image(0, W, H))], steps=2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []
+
+
+def test_fast_preset_with_sdxl_control_is_refused_before_model_work(sdxl_pipe, xl_cns):
+    unit = ldm.ControlUnit(xl_cns[0], control_image(0, W, H))
+    calls, hooks = count_calls(sdxl_pipe.unet, xl_cns[0].module)
+    try:
+        with pytest.raises(ValueError, match="fast preset cannot be combined with ControlNet"):
+            sdxl_pipe.txt2img("x", control=[unit], fast=True, width=W, height=H, steps=2)
+        with pytest.raises(ValueError, match="fast preset cannot be combined with ControlNet"):
+            sdxl_pipe.img2img(noise_image(0), "x", control=[unit], fast=True, steps=2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []
