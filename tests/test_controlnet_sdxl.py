@@ -288,3 +288,70 @@ def test_fast_preset_with_sdxl_control_is_refused_before_model_work(sdxl_pipe, x
         for h in hooks:
             h.remove()
     assert calls == []
+
+
+# ---- the web UI and the REST API on an SDXL model ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, xl_folders, sd1_folder):
+    import shutil
+
+    root = tmp_path_factory.mktemp("sdxl-cn-models")
+    shutil.copytree(xl_folders[0], root / "ControlNet" / "tiny-xl")
+    shutil.copytree(sd1_folder, root / "ControlNet" / "tiny-sd1")
+    return root
+
+
+@pytest.fixture(scope="module")
+def xl_app_pipe(sdxl_model, models_dir):
+    return ldm.load(sdxl_model, device="cpu", dtype="float32", models_dir=models_dir)
+
+
+def test_web_ui_units_on_sdxl_equal_the_library_and_name_a_family_mismatch(xl_app_pipe, tmp_path):
+    from ui import state, streaming, tasks
+
+    ctx = state.Context(state.Pipes(xl_app_pipe), state.Options(outputs=tmp_path / "outputs", preview_every=0))
+    control_image(0, W, H).save(tmp_path / "shapes.png")
+    values = {"cn0_enabled": True, "cn0_model": "tiny-xl", "cn0_image": str(tmp_path / "shapes.png"),
+              "cn0_preprocessor": "none", "cn0_weight": 0.8, "cn0_start": 0.0, "cn0_end": 0.9}
+    kw = dict(prompt="a cube", steps=3, seed=5, width=W, height=H)
+    out = streaming.run(tasks.txt2img(ctx, **kw, **values))
+    lib = xl_app_pipe.txt2img("a cube", steps=3, seed=5, width=W, height=H, control=[ldm.ControlUnit(
+        ldm.load_controlnet("tiny-xl", base=xl_app_pipe), control_image(0, W, H), weight=0.8, end=0.9)])
+    assert np.array_equal(px(Image.open(out.images[0]).convert("RGB")), px(lib.images[0]))
+    assert 'ControlNet 0: "Module: none, Model: tiny-xl [' in out.infotexts[0]
+    with pytest.raises(ValueError, match=SD1_ON_SDXL):  # what the page's status shows
+        streaming.run(tasks.txt2img(ctx, **kw, **{**values, "cn0_model": "tiny-sd1"}))
+
+
+def test_rest_api_lists_sdxl_controlnets_and_refuses_a_family_mismatch_with_422(xl_app_pipe, tmp_path):
+    import base64
+    import io
+
+    requests = pytest.importorskip("requests")
+    from api_server import launch_api
+    from ui.state import Pipes
+
+    buf = io.BytesIO()
+    control_image(0, W, H).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    app = launch_api(Pipes(xl_app_pipe), tmp_path / "out")
+    try:
+        listed = requests.get(f"{app.url}/controlnet/model_list", timeout=30).json()["model_list"]
+        assert [t.split(" [")[0] for t in listed] == ["tiny-sd1", "tiny-xl"]
+        body = {"prompt": "a cube", "seed": 5, "width": W, "height": H, "steps": 3, "cfg_scale": 6.0,
+                "sampler_name": "Euler a", "alwayson_scripts": {"controlnet": {"args": [
+                    {"enabled": True, "image": image, "module": "none", "model": "tiny-xl", "weight": 0.8}]}}}
+        r = requests.post(f"{app.url}/sdapi/v1/txt2img", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        lib = xl_app_pipe.txt2img("a cube", steps=3, seed=5, width=W, height=H, guidance_scale=6.0, sampler="Euler a",
+                                  control=[ldm.ControlUnit(ldm.load_controlnet("tiny-xl", base=xl_app_pipe),
+                                                           control_image(0, W, H), weight=0.8)])
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")
+        assert np.array_equal(px(got), px(lib.images[0]))
+        body["alwayson_scripts"]["controlnet"]["args"][0]["model"] = "tiny-sd1"
+        r = requests.post(f"{app.url}/sdapi/v1/txt2img", json=body, timeout=300)
+        assert r.status_code == 422 and "but the model is SDXL" in r.json()["detail"], r.text
+    finally:
+        app.close()
