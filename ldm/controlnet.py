@@ -1,6 +1,6 @@
 """ControlNet: load a model, describe a unit (`ControlUnit`), turn units into loop extensions.
 
-    cn = ldm.load_controlnet("models/ControlNet/control_v11p_sd15_canny", base=pipe)
+    cn = ldm.load_controlnet("models/ControlNet/control_v11p_sd15_canny", base=pipe)  # SD 1.x/2.x or SDXL
     unit = ldm.ControlUnit(cn, "photo.png", preprocessor="canny", weight=0.8, end=0.6)
     pipe.txt2img("a house", control=[unit])
 
@@ -73,11 +73,12 @@ class ControlNet:
 
 def load_controlnet(path: str | os.PathLike, *, base=None, device=None, dtype=None) -> ControlNet:
     """A ControlNet from a diffusers folder (config.json + safetensors weights) or a single .safetensors
-    file in the original layout (A1111's models/ControlNet). Offline, safetensors only.
+    file, original layout or diffusers names (A1111's models/ControlNet; SD 1.x/2.x and SDXL ControlNets).
+    Offline, safetensors only.
 
     base: the pipeline it will run with; gives the default device and dtype (its U-Net's), and for single
     files the architecture (a ControlNet is its base U-Net's encoder half); a ControlNet made for another
-    family (e.g. SDXL for an SD 1.5 model) is refused here, before its weights are read. With a base loaded
+    family (SDXL for an SD 1.5 model, or the reverse) is refused here, before its weights are read. With a base loaded
     with `models_dir=`, `path` may be a name in its ControlNet/ folder ("control_v11p_sd15_canny")."""
     path = Path(path).expanduser()
     library = getattr(base, "library", None)

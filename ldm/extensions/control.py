@@ -1,6 +1,6 @@
 """ControlNet as a loop extension: one `ControlResiduals` per unit; the loop adds up their residuals.
 
-Per step, as diffusers' `StableDiffusionControlNetPipeline` does it:
+Per step, as diffusers' `StableDiffusionControlNetPipeline` (and its SDXL twin) does it:
 
 * a unit is active at step i of n unless i/n < start or (i + 1)/n > end; an inactive unit costs
   nothing (the ControlNet is not called; diffusers calls it and multiplies by 0, the same sum);
