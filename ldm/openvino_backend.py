@@ -176,9 +176,10 @@ class OpenVINOForward:
         self.weights = _weights(module)
         self.processors = _processors(module)
         self.core = None
-        self.ir = None  # the openvino.Model read from the cache (or just converted)
         self.compiled: dict[tuple, object] = {}  # input shapes -> infer request
-        self.ir_path: Path | None = None
+        self.ir_path: Path | None = None  # the converted model in the cache, once known
+        self.convert_seconds: float | None = None  # None: read from the cache
+        self.compile_seconds: dict[tuple, float] = {}
         self.runs = self.fallbacks = 0
         self.reasons: set[str] = set()
 
@@ -210,37 +211,38 @@ class OpenVINOForward:
         request = self.compiled.get(shapes)
         if request is None:
             ov = require_openvino()
-            model = self._model(ov, tensors).clone()
+            self.core = self.core or ov.Core()
+            model = self.core.read_model(self._ir_path(ov, tensors))  # mapped from the file, dropped after compiling
             model.reshape({i: list(shape) for i, shape in enumerate(shapes)})  # inputs in the order of `dynamic`
             start = time.perf_counter()
             compiled = self.core.compile_model(model, "CPU", {**CPU_CONFIG, "INFERENCE_NUM_THREADS": torch.get_num_threads()})
-            log.info("OpenVINO %s compiled for %s in %.1f s", self.spec.name, shapes, time.perf_counter() - start)
+            self.compile_seconds[shapes] = time.perf_counter() - start
+            log.info("OpenVINO %s compiled for %s in %.1f s", self.spec.name, shapes, self.compile_seconds[shapes])
             request = self.compiled[shapes] = compiled.create_infer_request()
         return request
 
-    def _model(self, ov, example: list[torch.Tensor]):
-        """The IR: read from the cache, or converted from the module (with `example` as trace input) and saved."""
-        if self.ir is not None:
-            return self.ir
-        self.core = self.core or ov.Core()
-        key = weights_key(self.module, self.config, _versions(ov))
-        self.ir_path = self.cache_dir / f"{self.spec.name}-{key}.xml"
-        if not self.ir_path.exists():
-            self._convert(ov, example)
-        self.ir = self.core.read_model(self.ir_path)
-        return self.ir
+    def _ir_path(self, ov, example: list[torch.Tensor]) -> Path:
+        """The IR file for these weights: found in the cache, or converted (`example` is the trace input) and saved."""
+        if self.ir_path is None:
+            key = weights_key(self.module, self.config, _versions(ov))
+            path = self.cache_dir / f"{self.spec.name}-{key}.xml"
+            if not path.exists():
+                self._convert(ov, example, path)
+            self.ir_path = path
+        return self.ir_path
 
-    def _convert(self, ov, example: list[torch.Tensor]) -> None:
+    def _convert(self, ov, example: list[torch.Tensor], path: Path) -> None:
         start = time.perf_counter()
         inputs = [(shape, ov.Type.f32) for _, shape in self.spec.dynamic(self.module)]
         with torch.no_grad():
             model = ov.convert_model(_Traced(self.module, self.spec), example_input=tuple(example), input=inputs)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.ir_path.with_name(f"{self.ir_path.stem}.{os.getpid()}.tmp.xml")
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.xml")
         ov.save_model(model, tmp, compress_to_fp16=False)  # fp16 weights would change the pixels
-        os.replace(tmp.with_suffix(".bin"), self.ir_path.with_suffix(".bin"))  # the .xml last: it marks a complete IR
-        os.replace(tmp, self.ir_path)
-        log.info("OpenVINO %s converted in %.1f s to %s", self.spec.name, time.perf_counter() - start, self.ir_path)
+        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))  # the .xml last: it marks a complete IR
+        os.replace(tmp, path)
+        self.convert_seconds = time.perf_counter() - start
+        log.info("OpenVINO %s converted in %.1f s to %s", self.spec.name, self.convert_seconds, path)
 
 
 def install(unet: torch.nn.Module, vae, cache_dir: str | os.PathLike | None = None, *, decoder: bool = True) -> None:
