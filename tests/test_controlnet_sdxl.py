@@ -125,25 +125,51 @@ def test_img2img_matches_diffusers(sdxl_model, sdxl_pipe, xl_folders, xl_cns):
     assert effect > VISIBLE
 
 
-def test_inpaint_matches_diffusers_inside_the_mask(sdxl_model, sdxl_pipe, xl_folders, xl_cns):
+@pytest.fixture(scope="module")
+def sdxl_inpaint_model(tmp_path_factory):
+    return tiny_sdxl.save_model(tmp_path_factory.mktemp("tiny-sdxl-cn-inpaint"), unet_model=tiny_sdxl.unet(seed=2, in_channels=9))
+
+
+@pytest.mark.parametrize("kind", ["base", "inpaint"])
+def test_inpaint_matches_diffusers_inside_the_mask(request, xl_folders, xl_cns, kind):
+    """A 4-channel U-Net (latent blending) and a 9-channel inpainting U-Net (the ControlNet still sees the 4 latent
+    channels), the latter in guess mode."""
+    sdxl_model = request.getfixturevalue("sdxl_model" if kind == "base" else "sdxl_inpaint_model")
+    sdxl_pipe = request.getfixturevalue("sdxl_pipe") if kind == "base" else ldm.load(sdxl_model, device="cpu", dtype="float32")
     image = noise_image(1)
     mask = np.zeros((H, W), np.uint8)
     mask[4:20, 6:22] = 255
-    unit = ldm.ControlUnit(xl_cns[0], control_image(2, W, H), weight=1.0)
+    unit = ldm.ControlUnit(xl_cns[0], control_image(2, W, H), weight=1.0, guess_mode=kind == "inpaint")
     kw = dict(negative_prompt="ugly", strength=1.0, mask_blur=0, steps=4, seed=9, sampler="Euler a",
               schedule="Automatic", guidance_scale=6)
     ours = sdxl_pipe.inpaint(image, Image.fromarray(mask), "a cat", control=[unit], **kw)
     ref = reference(StableDiffusionXLControlNetInpaintPipeline, sdxl_model, xl_folders, 1, "Euler a", ours.seeds)
     theirs = ref("a cat", negative_prompt="ugly", image=image, mask_image=Image.fromarray(mask),
                  control_image=control_image(2, W, H), strength=1.0, width=W, height=H, num_inference_steps=4,
-                 guidance_scale=6, generator=gens(9, 1), controlnet_conditioning_scale=1.0).images
+                 guidance_scale=6, generator=gens(9, 1), controlnet_conditioning_scale=1.0,
+                 guess_mode=kind == "inpaint").images
     plain = sdxl_pipe.inpaint(image, Image.fromarray(mask), "a cat", **kw)
     inside = mask >= 128  # diffusers does not paste back: compare the repainted area
     diff = int(np.abs(px(ours.images[0]) - px(theirs[0]))[inside].max())
     effect = int(np.abs(px(ours.images[0]) - px(plain.images[0]))[inside].max())
-    print(f"sdxl controlnet parity inpaint: max pixel diff inside the mask {diff}, control effect {effect}")
+    print(f"sdxl controlnet parity inpaint ({kind} U-Net): max pixel diff inside the mask {diff}, control effect {effect}")
     assert diff <= TOL
     assert effect > VISIBLE
+
+
+def test_guess_mode_runs_the_controlnet_on_the_conditional_rows_only(sdxl_pipe, xl_cns):
+    """With CFG and AND sub-prompts: the conditional rows of text, pooled embedding and time ids (2 images x
+    2 sub-prompts = 4 of 6); steps outside start/end do not run the ControlNet."""
+    seen = []
+    hook = xl_cns[0].module.register_forward_hook(lambda m, args, kwargs, out: seen.append(
+        (args[0].shape[0], kwargs["encoder_hidden_states"].shape[0],
+         *(v.shape[0] for v in kwargs["added_cond_kwargs"].values()))), with_kwargs=True)
+    try:
+        unit = ldm.ControlUnit(xl_cns[0], control_image(0, W, H), guess_mode=True, start=0.2, end=0.8)
+        sdxl_pipe.txt2img("a cat AND a dog", control=[unit], batch_size=2, width=W, height=H, steps=5, seed=1)
+    finally:
+        hook.remove()
+    assert seen == [(4, 4, 4, 4)] * 3  # steps 1-3 of 0-4
 
 
 # ---- loading: folders and single files, the family check both ways --------------------------------------
