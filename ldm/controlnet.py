@@ -34,7 +34,7 @@ from PIL import Image
 from . import images as imgs
 from .control_preprocess import PREPROCESSORS, get_preprocessor, preprocess
 from .components import ModelLoadError, check_safetensors, read_json, require_complete, require_regular_files
-from .controlnet_file import check_family, load_controlnet_file
+from .controlnet_file import check_family, check_kind, load_controlnet_file
 from .extensions.control import ControlResiduals
 from .extensions.fast import FastPreset
 from .library import legacy_hash
@@ -113,6 +113,7 @@ def _load_folder(folder: Path, dtype, unet_config: dict | None) -> torch.nn.Modu
     if not files:
         raise ModelLoadError(f"no .safetensors weights in {folder} (pickle formats are not loaded)")
     headers = {f: check_safetensors(f) for f in files}
+    check_kind({k: v for tensors in headers.values() for k, v in tensors.items()}, folder.name, config.get("_class_name"))
     with torch.device("meta"):
         try:
             skeleton = ControlNetModel.from_config(config)

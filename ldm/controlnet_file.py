@@ -40,6 +40,19 @@ def family(config: dict) -> str:
     return f"{name} (cross-attention {dim})"
 
 
+def check_kind(tensors: dict, name: str, class_name: str | None = None) -> None:
+    """Refuse what shares models/ControlNet but is not a ControlNet this library runs (ComfyUI and Forge tell
+    them apart by the same keys), before its weights are read; otherwise it would fail to load obscurely or,
+    for a Union model, load as a plain ControlNet without its task inputs."""
+    kind = ("a Control-LoRA" if "lora_controlnet" in tensors
+            else "a ControlNet Union model" if "task_embedding" in tensors or class_name == "ControlNetUnionModel"
+            else "a ControlNet-LLLite" if any("lllite" in k.lower() for k in tensors)
+            else None if class_name in (None, "ControlNetModel") else f"a {class_name}")
+    if kind:
+        raise ModelLoadError(f"{name} is {kind}, which is not supported; use a regular ControlNet "
+                             "(a diffusers ControlNetModel folder or a single .safetensors file)")
+
+
 def check_family(net: dict, unet: dict, name: str) -> None:
     """Refuse a ControlNet whose residuals cannot fit the base U-Net (another family, other block widths).
     Its block types may differ (SDXL's "small" ControlNets have no attention in their down blocks)."""
@@ -120,6 +133,7 @@ def load_controlnet_file(file: Path, unet: dict, dtype) -> torch.nn.Module:
     from safetensors.torch import load_file
 
     tensors = check_safetensors(file)
+    check_kind(tensors, file.name)
     found = file_family(tensors)  # the family is visible in the keys and shapes of either layout
     if found["cross_attention_dim"] is not None:
         check_family({**unet, **found}, unet, file.stem)

@@ -283,6 +283,31 @@ def test_single_files_of_the_other_family_are_refused_before_their_weights_are_r
             ldm.load_controlnet(tmp_path / f"sdxl{layout}.safetensors", base=base_pipe)
 
 
+@pytest.mark.parametrize("keys,kind", [
+    ({"lora_controlnet": [1], "input_hint_block.0.weight": [16, 3, 3, 3]}, "a Control-LoRA"),
+    ({"task_embedding": [6, 320], "time_embedding.linear_1.weight": [1280, 320]}, "a ControlNet Union model"),
+    ({"lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.down.0.weight": [32, 640]}, "a ControlNet-LLLite"),
+])
+def test_other_kinds_in_the_controlnet_folder_are_refused_by_name(sdxl_pipe, tmp_path, keys, kind):
+    from safetensors.torch import save_file
+
+    file = tmp_path / "cn.safetensors"
+    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(file))
+    with pytest.raises(ldm.ModelLoadError, match=f"cn.safetensors is {kind}, which is not supported"):
+        ldm.load_controlnet(file, base=sdxl_pipe)
+
+
+def test_a_union_folder_is_refused_by_its_class(sdxl_pipe, xl_folders, tmp_path):
+    import json
+    import shutil
+
+    folder = shutil.copytree(xl_folders[0], tmp_path / "controlnet-union-sdxl")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "_class_name": "ControlNetUnionModel"}))
+    with pytest.raises(ldm.ModelLoadError, match="controlnet-union-sdxl is a ControlNet Union model"):
+        ldm.load_controlnet(folder, base=sdxl_pipe)
+
+
 def count_calls(*modules):
     calls = []
     return calls, [m.register_forward_hook(lambda *a: calls.append(1)) for m in modules]
