@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", choices=("full", "half"), default="full")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
     p.add_argument("--note", default="")
+    p.add_argument("--e2e", default="", help="real end-to-end runs after the parts, in this order, comma-separated: "
+                   "openvino, goal3 (fast preset + ToMe 0.5 + approximate decode, random TAESD), pytorch")
     args = p.parse_args(argv)
 
     import torch
@@ -147,10 +149,75 @@ def main(argv: list[str] | None = None) -> int:
     out += ["", f"Computed {args.steps}-step end to end (best CPU times; {args.steps} guided U-Net calls + VAE decode + text "
             f"encoding {text_cpu:.2f} s; sampler and PIL not counted): PyTorch {e2e[0]:.1f} s, OpenVINO {e2e[1]:.1f} s, "
             f"speed-up {e2e[0] / e2e[1]:.3f}x (U-Net only: {g2[0] / g2[1]:.3f}x)."]
+    if args.e2e:
+        out += ["", *_end_to_end(pipe, args, e2e[0], log)]
     text = "\n".join(out) + "\n"
     log(text)
     (args.out / f"openvino-parts-{args.shape}-{args.size}.md").write_text(text)
     return 0
+
+
+class _PyTorchOnly:
+    """Route the pipeline's U-Net and VAE decoder back to their own forward for a while."""
+
+    def __init__(self, *modules):
+        self.modules = modules
+
+    def __enter__(self):
+        self.saved = [m.forward for m in self.modules]
+        for m, f in zip(self.modules, self.saved):
+            m.forward = f.eager
+
+    def __exit__(self, *exc):
+        for m, f in zip(self.modules, self.saved):
+            m.forward = f
+
+
+def _end_to_end(pipe, args, pytorch_parts: float, log) -> list[str]:
+    """Real generations (prompt to PIL image) at the parts' size; pixel differences between them."""
+    import torch
+
+    from ldm.extensions import FastPreset, TokenMerging
+    from ldm.images import tensor_to_pil
+    from ldm.latents import decode
+    from ldm.tasks import generate
+
+    from .models import taesd_decoder_file
+    from .report import image_diff
+    from .runners import Settings
+
+    s = Settings(width=args.size, height=args.size, steps=args.steps)
+    approx = pipe.with_approx_decode(taesd_decoder_file(args.out / "VAE-approx" / "taesd_decoder.safetensors"))
+    kw = dict(negative_prompt=s.negative_prompt, width=s.width, height=s.height, steps=s.steps, sampler=s.sampler,
+              guidance_scale=s.guidance_scale, seed=s.seed)
+    runs = {"openvino": lambda: generate.txt2img(pipe, s.prompt, **kw),
+            "goal3": lambda: generate.txt2img(approx, s.prompt, extensions=(FastPreset(), TokenMerging(0.5)), **kw)}
+    images, rows = {}, []
+    for name in args.e2e.split(","):
+        with torch.inference_mode():
+            if name == "pytorch":
+                with _PyTorchOnly(pipe.unet, pipe.vae.decoder):
+                    cpu, wall, result = _timed(lambda: generate.txt2img(pipe, s.prompt, **kw))
+            else:
+                cpu, wall, result = _timed(runs[name])
+            images[name] = result.images[0]
+            if name == "goal3":  # the same latents through the real VAE: the cost of fast + ToMe apart from the decoder
+                with _PyTorchOnly(pipe.vae.decoder):
+                    images["goal3, real VAE"] = tensor_to_pil(decode(pipe.vae, result.latents))[0]
+        rows.append(f"| {name} | {wall:.1f} | {cpu:.1f} | {pytorch_parts / cpu:.3f} |")
+        log(f"e2e {name}: wall {wall:.1f} s, CPU {cpu:.1f} s")
+    out = [f"Real {args.steps}-step generations, {s.sampler}, CFG {s.guidance_scale}, one run each:", "",
+           "| run | wall s | CPU s | PyTorch (computed from parts, CPU) / this |", "|---|---|---|---|", *rows]
+    base = "pytorch" if "pytorch" in images else "openvino" if "openvino" in images else None
+    if base:
+        out += ["", "| image difference (0-255) | max | mean | PSNR dB |", "|---|---|---|---|"]
+        for name, img in images.items():
+            if name != base:
+                d = image_diff(img, images[base])
+                out.append(f"| {name} vs {base} | {d['max']:.0f} | {d['mean']:.2f} | {d['psnr']:.1f} |")
+    for name, img in images.items():
+        img.save(args.out / f"openvino-e2e-{args.size}-{name.replace(', ', '-').replace(' ', '_')}.png")
+    return out
 
 
 if __name__ == "__main__":
