@@ -11,6 +11,10 @@ Euler for `--steps` steps in three configurations, alternating them over `--repe
 and prints wall time (best, median) and process CPU time (best) per step, their ratios to "unet", the
 ControlNet calls counted in each, and the CPU flags and torch's CPU capability they ran on. On a busy
 machine the CPU-time ratio (with --threads 1) is the one to read.
+
+`--flops` instead counts the floating-point operations of one CFG step of the U-Net and of a ControlNet
+copied from it, SD-1.5-shaped at 512 px and SDXL-shaped at 1024 px, on the meta device (no weights in
+memory: a real SDXL U-Net plus ControlNet is ~15 GB in float32, too much to time on a shared CPU box).
 """
 from __future__ import annotations
 
@@ -33,6 +37,32 @@ def cpu_flags() -> str:
     return " ".join(wanted) or "unknown"
 
 
+def flop_ratios() -> None:
+    """U-Net and ControlNet FLOPs per CFG step (batch 2), counted by torch on meta tensors."""
+    from diffusers import ControlNetModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldm_tools.bench.models import sdxl_unet, unet as sd15_unet
+
+    shapes = {"SD-1.5-shaped, 512 px": (sd15_unet, 512, 768, None),
+              "SDXL-shaped, 1024 px": (sdxl_unet, 1024, 2048, (1280, 6))}
+    for label, (make, size, context, added) in shapes.items():
+        with torch.device("meta"):
+            unet = make(0)
+            net = ControlNetModel.from_unet(unet)
+            x, t = torch.randn(2, 4, size // 8, size // 8), torch.tensor([500.0, 500.0])
+            kw = {"encoder_hidden_states": torch.randn(2, 77, context)}
+            if added:
+                kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, added[0]), "time_ids": torch.randn(2, added[1])}
+            image = torch.randn(2, 3, size, size)
+        with torch.no_grad(), FlopCounterMode(display=False) as u:
+            unet(x, t, **kw)
+        with torch.no_grad(), FlopCounterMode(display=False) as c:
+            net(x, t, controlnet_cond=image, **kw)
+        print(f"{label}: U-Net {u.get_total_flops() / 1e12:.2f} TFLOP, ControlNet {c.get_total_flops() / 1e12:.2f} TFLOP "
+              f"per CFG step: a unit adds {c.get_total_flops() / u.get_total_flops():.0%} to the U-Net's work")
+
+
 def main(argv=None) -> None:
     from diffusers import ControlNetModel, EulerDiscreteScheduler
 
@@ -46,7 +76,10 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--flops", action="store_true", help="count FLOPs (SD 1.5 and SDXL shapes) instead of timing")
     args = ap.parse_args(argv)
+    if args.flops:
+        return flop_ratios()
     if args.threads:
         torch.set_num_threads(args.threads)
 
