@@ -61,6 +61,11 @@ def parser() -> argparse.ArgumentParser:
                    help="attention kernel: auto = xformers on CUDA when it works, chunked for a bf16 U-Net on CPU, else sdpa")
     p.add_argument("--offload", choices=ldm.OFFLOAD, default=env("OFFLOAD", "none"),
                    help="GPU only: move idle parts to the CPU to save VRAM")
+    p.add_argument("--openvino", action="store_true", default=env_flag("OPENVINO"),
+                   help="CPU: U-Net and VAE decoder through OpenVINO (pip install openvino; float32; converted on first use "
+                        "and cached; a second copy of the weights in memory; see docs/performance.md)")
+    p.add_argument("--openvino-cache", default=env("OPENVINO_CACHE"),
+                   help="folder for the converted OpenVINO models (default ~/.cache/ldm/openvino)")
     p.add_argument("--vae-tiling", action="store_true", default=env_flag("VAE_TILING"), help="decode large images in tiles")
     p.add_argument("--prediction-type", choices=("auto", *(t.value for t in ldm.PredictionType)),
                    default=env("PREDICTION_TYPE", "auto"),
@@ -134,7 +139,7 @@ def warn_if_open(host: str, auth: list, share: bool) -> None:
 def model_options(args: argparse.Namespace) -> ldm.Options:
     """The flags that configure a loaded model, as the one object ldm.load takes."""
     return ldm.Options(max_size=args.max_size, vae_tiling=args.vae_tiling, attention=args.attention,
-                       offload=args.offload).validate()
+                       offload=args.offload, openvino=args.openvino, openvino_cache=args.openvino_cache).validate()
 
 
 def load_model(model: str | None, args: argparse.Namespace):
@@ -145,7 +150,7 @@ def load_model(model: str | None, args: argparse.Namespace):
     print(f"loading {model} ...", flush=True)
     try:
         return loader(args)(model)
-    except ValueError as exc:
+    except (ValueError, ldm.OpenVINONotInstalled) as exc:
         raise SystemExit(f"error: {exc}") from None
 
 

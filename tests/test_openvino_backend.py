@@ -100,3 +100,15 @@ def test_options_refuse_openvino_with_compile_or_a_gpu(base_model):
         ldm.Options(openvino=True, compile=True).validate()
     with pytest.raises(ValueError, match="on the CPU"):
         ldm.load(base_model, device="cuda", openvino=True)
+
+
+def test_app_flag_reaches_the_pipeline_and_a_missing_package_exits_with_the_message(base_model, cache, monkeypatch):
+    import app
+
+    args = app.parse_args(["--model", str(base_model), "--device", "cpu", "--models-dir", str(cache.parent / "models"),
+                           "--openvino", "--openvino-cache", str(cache)])
+    pipe = app.load_model(str(base_model), args)
+    assert pipe.options.openvino and pipe.options.openvino_cache == str(cache)
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(SystemExit, match="pip install openvino"):
+        app.load_model(str(base_model), args)
