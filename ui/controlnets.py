@@ -10,7 +10,7 @@ from typing import Any
 
 import ldm
 
-MAX_CACHED = 3  # ControlNets kept loaded between requests (each SD 1.5 one is ~0.7-1.4 GB)
+MAX_CACHED = 3  # ControlNets kept loaded between requests (an SD 1.5 one is ~0.7-1.4 GB, an SDXL one ~2.5-5 GB)
 
 
 class ControlNets:
