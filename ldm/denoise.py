@@ -140,8 +140,8 @@ def denoise(unet, inputs: DenoiseInputs, callback: StepCallback | None = None) -
         kwargs = {}
         for ext in exts:
             kwargs.update(ext.unet_kwargs(step))
-        inputs_so_far = dict(kwargs)
-        kwargs.update(_sum_residuals(e.residuals(step, latents_in, embeds, inputs_so_far) for e in exts))
+        given = dict(kwargs)  # what the residual hooks see: the U-Net's inputs, not each other's residuals
+        kwargs.update(_sum_residuals(e.residuals(step, latents_in, embeds, given) for e in exts))
         pred = unet(model_in.to(unet_dtype), t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
         pred = pred.to(latents.dtype)
         pred = apply_cfg(pred, inputs.guidance_scale, weights, step.guided)
