@@ -1,9 +1,15 @@
-"""The inpaint editor's brush: sized to the picture (a sixteenth of its shorter side, so a 64 px
-picture gets a 4 px brush, not one that covers it), shown and set in a labelled number next to the
-editor, and painting a half-transparent white so people still see what is under the mask.
+"""The inpaint editor's brush: sized to the picture (a radius of a sixteenth of its shorter side, so a
+64 px picture gets a stroke 8 px wide, not one that covers it), shown and set in a labelled number
+next to the editor, and painting a half-transparent white so people still see what is under the mask.
 
 The editor turns any painted pixel into mask (`ui.editor`: alpha > 0), so the half-transparent paint
 masks exactly what it covers.
+
+A picture sent from another tab gets its brush in the send itself (`sent`): the server knows the
+picture's size there. Gradio 6.31's editor also reports a sent picture as an upload, and an upload
+event with the editor as output covers the editor with its progress overlay until the answer comes
+(seconds under load: the editor exports its layers first), which swallowed a person's first strokes;
+so the upload fit shows no progress and changes nothing when the brush already fits.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import gradio as gr
 
 from .editor import editor_image
 from .errors import readable
+from .gradio_compat import image_size
 
 MASK_COLOUR = ("#ffffff", 0.5)  # white at half opacity: the mask and the picture under it
 DEFAULT_SIZE = 16  # before any picture (a 256 px one)
@@ -24,28 +31,38 @@ def brush(size: int) -> gr.Brush:
 
 
 def size_for(width: int, height: int) -> int:
-    """A sixteenth of the shorter side, at least 1 px."""
+    """The brush radius (Gradio's brush size is a radius): a sixteenth of the shorter side, at least 1 px."""
     return max(1, min(MAX_SIZE, round(min(width, height) / 16)))
 
 
 def size_field() -> gr.Slider:
-    return gr.Slider(1, MAX_SIZE, value=DEFAULT_SIZE, step=1, label="Brush size, px (of the picture)",
+    return gr.Slider(1, MAX_SIZE, value=DEFAULT_SIZE, step=1, label="Brush radius, px (of the picture)",
                      elem_id="inpaint-brush-size")
 
 
-def fit(value: Any):
-    """editor value -> (brush-size number, editor update) for its picture; skips without a picture.
-    Only on upload: a brush update right after a picture is *sent* into the editor (send-to) leaves
-    Gradio 6.31's editor not painting, so a sent picture keeps the current brush."""
+def sent(path: str) -> tuple[gr.ImageEditor, int]:
+    """A picture file sent into the editor -> (editor update: the picture and its brush, brush-size number)."""
+    n = size_for(*image_size(path))
+    picture = {"background": path, "layers": [], "composite": path}
+    return gr.ImageEditor(value=picture, brush=brush(n)), n
+
+
+def fit(value: Any, current: float | None):
+    """(editor value, brush-size number) -> (number, editor update) for its picture; skips without a
+    picture, and when the brush already fits it (a sent picture, reported as an upload)."""
     try:
         picture = editor_image(value)
     except ValueError:  # no picture (cleared): keep the brush
         return gr.skip(), gr.skip()
     n = size_for(*picture.size)
+    if current == n:
+        return gr.skip(), gr.skip()
     return n, gr.ImageEditor(brush=brush(n))
 
 
 def wire_brush(editor: gr.ImageEditor, size: gr.Slider) -> None:
     """An uploaded picture sets the brush to its size; the number sets the editor's brush."""
-    editor.upload(readable(fit), editor, [size, editor], queue=False, api_visibility="private")
-    size.input(readable(lambda n: gr.ImageEditor(brush=brush(n))), size, editor, queue=False, api_visibility="private")
+    editor.upload(readable(fit), [editor, size], [size, editor], queue=False, show_progress="hidden",
+                  api_visibility="private")
+    size.input(readable(lambda n: gr.ImageEditor(brush=brush(n))), size, editor, queue=False,
+               show_progress="hidden", api_visibility="private")

@@ -14,7 +14,7 @@ from typing import Any
 
 import gradio as gr
 
-from . import control, convert, editor, header, history, page, tasks
+from . import brush, control, convert, editor, header, history, page, tasks
 from .endpoints import api_params, endpoint, int_params, plain
 from .errors import explain, readable
 from .gradio_compat import attach_context, blocks, check_image_headers, describe_api, readable_errors
@@ -76,10 +76,11 @@ def wire_send_to(tabs: dict[str, Tab], tabs_block: gr.Tabs, extra: tuple = ()) -
         for target, button in (("img2img", r.send_img2img), ("inpaint", r.send_inpaint), ("upscale", r.send_upscale)):
             dest = tabs[target].fields
             keys = [k for k in SENT_FIELDS if k in dest]
-            image_field = dest["_editor"] if target == "inpaint" else dest["image"]
+            # inpaint: the editor and the brush-size number, fitted to the sent picture (ui.brush)
+            image_fields = [dest["_editor"], dest["_brush_size"]] if target == "inpaint" else [dest["image"]]
             send = _sender(target, keys)
             event = button.click(readable(send), [r.gallery, r.index, r.infotexts],
-                                 [image_field, *[dest[k] for k in keys], tabs_block], queue=False,
+                                 [*image_fields, *[dest[k] for k in keys], tabs_block], queue=False,
                                  api_visibility="private")
             explain_failure(event, send, [r.gallery, r.index, r.infotexts], r.status)
 
@@ -100,8 +101,8 @@ def _sender(target: str, keys: list[str]) -> Callable:
             raise gr.Error("no image to send: generate one first")
         text = convert.selected(infotexts, index, "")
         values = convert.infotext_fields(text) | control.infotext_values(text)
-        image = {"background": path, "layers": [], "composite": path} if target == "inpaint" else path
-        return (image, *[values.get(k, gr.skip()) for k in keys], gr.Tabs(selected=target))
+        image = brush.sent(path) if target == "inpaint" else (path,)
+        return (*image, *[values.get(k, gr.skip()) for k in keys], gr.Tabs(selected=target))
 
     return send
 

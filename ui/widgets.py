@@ -227,7 +227,7 @@ def inpaint_tab(ctx: Context) -> Tab:
             go, stop = action_buttons("inpaint", "Inpaint")
             f["strength"] = gr.Slider(0.01, 1, value=0.75, step=0.01, label="Denoising strength")
             with gr.Row():
-                f["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur")
+                f["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="inpaint-mask-blur")
                 f["invert_mask"] = gr.Checkbox(value=False, label="Invert mask")
             with gr.Row():
                 f["inpaint_area"] = gr.Radio(choices.INPAINT_AREAS, value="whole", label="Inpaint area")
