@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-fast", action="store_true")
     p.add_argument("--opt-in", action="store_true", help="also time token merging and the TAESD approximate decode (random TAESD weights)")
     p.add_argument("--channels-last", action="store_true", help="also time ours with channels_last U-Net weights")
+    p.add_argument("--openvino", action="store_true",
+                   help="also time ours with openvino=True (U-Net and VAE decoder through OpenVINO, float32; converted once into OUT/openvino)")
+    p.add_argument("--goal3", action="store_true",
+                   help="also time fast preset + ToMe 0.5 + approximate decode (random TAESD weights) against diffusers, without --opt-in's separate rows")
     p.add_argument("--tag", default="", help="suffix for the output files and the docs block")
     p.add_argument("--skip-same-dtype", action="store_true", help="do not time ours in diffusers' dtype (saves a slow fp32 run)")
     p.add_argument("--vae-tiling", type=int, default=None, metavar="PX", help="only measure a tiled VAE decode of PX x PX")
@@ -43,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="gpu: SD-1.5 512 px and SDXL 1024 px shapes in fp16, SDPA/xformers/channels_last/compile vs diffusers (needs --device cuda)")
     p.add_argument("--sdxl-unet-rss", type=int, default=None, metavar="PX",
                    help="only measure peak RSS and time of one guided SDXL-shaped U-Net step at PX x PX (random weights)")
+    p.add_argument("--sdxl-load-rss", choices=("float16", "bfloat16", "float32"), default=None, metavar="DTYPE",
+                   help="only measure peak RSS and time of ldm.load on a real-size random SDXL single file (written, then deleted)")
+    p.add_argument("--sdxl-step", type=int, default=None, metavar="PX",
+                   help="only time guided SDXL U-Net steps at PX x PX, fp32: ours vs diffusers on the same single file, "
+                        "alternating processes (--repeats pairs, --steps per process; needs ~12-15 GB free)")
+    p.add_argument("--sdxl-file", type=Path, default=None, help="for --sdxl-load-rss / --sdxl-step: an existing SDXL single file instead of a written one")
     p.add_argument("--demo", type=Path, default=None, metavar="MODEL", help="only evaluate the demo model's accuracy: default vs fast vs auto dtype")
     p.add_argument("--demo-seeds", type=int, default=2)
     p.add_argument("--demo-seen", type=int, default=25, help="seen combinations to evaluate (all held-out ones are)")
@@ -66,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(args)
     if args.sdxl_unet_rss:
         return _sdxl_unet_rss(args)
+    if args.sdxl_load_rss:
+        return _sdxl_load_rss(args)
+    if args.sdxl_step:
+        return _sdxl_step(args)
     if args.suite == "gpu":
         return _gpu_suite(args)
     from .models import ensure_sd15_folder
@@ -161,11 +175,14 @@ class _Bench:
         if args.channels_last:
             nhwc = ldm.load(folder, device=device, dtype=ref_dtype, channels_last=True)
             b.add(f"ours {ref_dtype} channels_last", lambda: run_ours(nhwc, b.s), b.theirs_name, ">= 1.0")
-        if args.opt_in:
-            b.add_opt_in(args, ours_ref if auto is None else auto)
+        if args.openvino:
+            ov = ldm.load(folder, device=device, openvino=True, openvino_cache=str(args.out / "openvino"))
+            b.add("ours + OpenVINO", lambda: run_ours(ov, b.s), b.theirs_name, ">= 1.3")
+        if args.opt_in or args.goal3:
+            b.add_opt_in(args, ours_ref if auto is None else auto, separate=args.opt_in)
         return b
 
-    def add_opt_in(self, args, pipe) -> None:
+    def add_opt_in(self, args, pipe, separate: bool = True) -> None:
         """Token merging (tomesd's default 0.5 at full resolution) and the TAESD decode, alone and with the fast preset."""
         from ldm.extensions import TokenMerging
 
@@ -174,8 +191,11 @@ class _Bench:
 
         approx = pipe.with_approx_decode(taesd_decoder_file(args.out / "VAE-approx" / "taesd_decoder.safetensors"))
         tome = (TokenMerging(0.5),)
-        self.add("ours + ToMe 0.5", lambda: run_ours(pipe, self.s, extensions=tome), self.default, "faster, quality stated")
-        self.add("ours + approx decode", lambda: run_ours(approx, self.s), self.default, "faster, quality stated")
+        if separate:
+            self.add("ours + ToMe 0.5", lambda: run_ours(pipe, self.s, extensions=tome), self.default, "faster, quality stated")
+            self.add("ours + approx decode", lambda: run_ours(approx, self.s), self.default, "faster, quality stated")
+        else:  # the combination's pixels with the real VAE: its quality cost apart from the (random) TAESD decoder
+            self.add("ours + fast + ToMe", lambda: run_ours(pipe, self.s, fast=True, extensions=tome), self.theirs_name, "quality stated")
         self.add("ours + fast + ToMe + approx decode", lambda: run_ours(approx, self.s, fast=True, extensions=tome), self.theirs_name, ">= 2.5")
 
     def run(self, out: Path, repeats: int) -> dict[str, list]:
@@ -350,6 +370,45 @@ def _sdxl_unet_rss(args) -> int:
             f"({measure.cpu_flags()}), threads {torch.get_num_threads()}, load average {measure.load_average()}\n"
             f"- one guided U-Net call (batch 2): {seconds:.1f} s; peak RSS {measure.peak_bytes(torch.device('cpu')) / 1024**3:.2f} GB "
             f"(weights {sum(p.numel() for p in unet.parameters()) * 4 / 1024**3:.2f} GB; {before / 1024**3:.2f} GB before the call)\n")
+    _log(args.out, text)
+    return 0
+
+
+def _sdxl_load_rss(args) -> int:
+    import torch
+
+    from . import measure, sdxl_file
+
+    head = (f"- CPU {measure.cpu_model()} ({measure.cpu_flags()}), torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}, load average "
+            f"{measure.load_average()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n")
+    text = sdxl_file.run(args.out, args.sdxl_load_rss, args.sdxl_file) + head + (f"- note: {args.note}\n" if args.note else "")
+    _log(args.out, text)
+    return 0
+
+
+def _sdxl_step(args) -> int:
+    import torch
+
+    from . import measure, sdxl_file, sdxl_step
+
+    file, written = args.sdxl_file, None
+    if file is None:
+        file = written = args.out / "sdxl-random-fp16.safetensors"
+        sdxl_file.write_random(file, sdxl_file.original_shapes())
+    head = (f"- CPU {measure.cpu_model()} ({measure.cpu_flags()}), torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}, threads {args.threads or torch.get_num_threads()}, "
+            f"load average {measure.load_average()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n")
+    try:
+        results = []
+        for r in range(args.repeats or 1):
+            for side in (("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")):  # ABBA: cancels drift
+                results.append(sdxl_step.run_side(side, file, args.sdxl_step, args.steps or 2, args.threads))
+                _log(args.out, f"  {side}: {json.dumps(results[-1])}")
+    finally:
+        if written is not None:
+            written.unlink(missing_ok=True)
+    text = sdxl_step.report(results, args.sdxl_step) + head + (f"- note: {args.note}\n" if args.note else "")
     _log(args.out, text)
     return 0
 
