@@ -4,8 +4,8 @@ A file holds either the original layout (`input_hint_block`, `zero_convs`, ...; 
 diffusers' names in one file (most SDXL ControlNets on the hub and Civitai). A ControlNet copies its
 base U-Net's encoder half, so its diffusers config is derived from the base U-Net's config (never
 fetched from a hub), with what the file shows on top: the conditioning-embedding channels, and for
-diffusers names the transformer depth of each block (SDXL's "mid" and "small" ControlNets are shallower
-than their U-Net); `global_pool_conditions` is set for shuffle models (A1111 reads that from the model's
+diffusers names the attention blocks and their transformer depths (SDXL's "mid" and "small"
+ControlNets are shallower than their U-Net); `global_pool_conditions` is set for shuffle models (A1111 reads that from the model's
 .yaml; the only such official model is the v1.1 shuffle one). diffusers'
 `ControlNetModel.from_single_file` converts the weights with that local config.
 """
@@ -27,8 +27,10 @@ _BLOCK = re.compile(r"controlnet_cond_embedding\.blocks\.(\d+)\.weight")
 DIFFUSERS_KEY = "time_embedding.linear_1.weight"
 _CONTEXT = re.compile(r"(?:control_model\.)?(?:input_blocks\.\d+\.1|middle_block\.1|down_blocks\.\d+\.attentions\.\d+|"
                       r"mid_block\.attentions\.0)\.transformer_blocks\.0\.attn2\.to_k\.weight")
-_DOWN_DEPTH = re.compile(r"down_blocks\.(\d+)\.attentions\.0\.transformer_blocks\.(\d+)\.")
-_MID_DEPTH = re.compile(r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\.")
+# An attention block, and the transformer layer a key belongs to (none: its norm and projections; the SDXL
+# "mid" ControlNets have attention blocks of 0 layers)
+_DOWN_ATTENTION = re.compile(r"down_blocks\.(\d+)\.attentions\.0\.(?:transformer_blocks\.(\d+)\.)?")
+_MID_ATTENTION = re.compile(r"mid_block\.attentions\.0\.(?:transformer_blocks\.(\d+)\.)?")
 _LABEL_EMB = re.compile(r"(?:control_model\.)?label_emb\.0\.([02])\.(weight|bias)")
 _ADDED = ("label_emb.", "add_embedding.")  # SDXL's pooled-embedding + time-id projection, original / diffusers names
 
@@ -103,29 +105,29 @@ def derived_config(unet: dict, tensors: dict, name: str) -> dict:
 def _attention_layout(tensors: dict, blocks: int, name: str) -> dict:
     """Down block types and transformer depths from diffusers' key names; diffusers' ControlNetModel gives
     the middle block the last down block's depth, so a file where the two differ cannot be expressed."""
-    down, mid = {}, 0
+    down, mid = {}, None
     for key in tensors:
-        if m := _DOWN_DEPTH.match(key):
-            down[int(m[1])] = max(down.get(int(m[1]), 0), int(m[2]) + 1)
-        elif m := _MID_DEPTH.match(key):
-            mid = max(mid, int(m[1]) + 1)
-    if not down and not mid:
+        if m := _DOWN_ATTENTION.match(key):
+            down[int(m[1])] = max(down.get(int(m[1]), 0), int(m[2]) + 1 if m[2] else 0)
+        elif m := _MID_ATTENTION.match(key):
+            mid = max(mid or 0, int(m[1]) + 1 if m[1] else 0)
+    if not down and mid is None:
         return {}
-    if mid and down.get(blocks - 1, mid) != mid:
+    if mid is not None and down.get(blocks - 1, mid) != mid:
         raise ModelLoadError(f"{name}: the last down block has {down[blocks - 1]} transformer layers and the middle "
                              f"block {mid}; a ControlNet needs them equal")
     depths = [down.get(i, 1) for i in range(blocks)]
-    depths[-1] = mid or depths[-1]
+    depths[-1] = depths[-1] if mid is None else mid
     return {"down_block_types": ["CrossAttnDownBlock2D" if i in down else "DownBlock2D" for i in range(blocks)],
             "transformer_layers_per_block": depths}
 
 
 def file_family(tensors: dict) -> dict:
-    """What the weights say about the family, before they are read: cross-attention width, SDXL embeddings."""
+    """What the weights say about the family, before they are read: cross-attention width (None when no
+    layer has cross-attention), SDXL embeddings."""
     context = next((shape[1] for key, (_, shape) in tensors.items() if _CONTEXT.fullmatch(key)), None)
     sdxl = any(k.removeprefix("control_model.").startswith(_ADDED) for k in tensors)
-    return {"cross_attention_dim": 2048 if sdxl and context is None else context,
-            "addition_embed_type": "text_time" if sdxl else None}
+    return {"cross_attention_dim": context, "addition_embed_type": "text_time" if sdxl else None}
 
 
 def load_controlnet_file(file: Path, unet: dict, dtype) -> torch.nn.Module:
@@ -134,9 +136,11 @@ def load_controlnet_file(file: Path, unet: dict, dtype) -> torch.nn.Module:
 
     tensors = check_safetensors(file)
     check_kind(tensors, file.name)
-    found = file_family(tensors)  # the family is visible in the keys and shapes of either layout
-    if found["cross_attention_dim"] is not None:
-        check_family({**unet, **found}, unet, file.stem)
+    # The family is visible in the keys and shapes of either layout (the width only where there is cross-attention).
+    found = file_family(tensors)
+    if found["cross_attention_dim"] is None:
+        del found["cross_attention_dim"]
+    check_family({**unet, **found}, unet, file.stem)
     config = derived_config(unet, tensors, file.stem)
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps(config))

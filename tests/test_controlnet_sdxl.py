@@ -175,11 +175,15 @@ def test_guess_mode_runs_the_controlnet_on_the_conditional_rows_only(sdxl_pipe, 
 # ---- loading: folders and single files, the family check both ways --------------------------------------
 
 
-def small_controlnet(seed: int) -> ControlNetModel:
-    """An SDXL ControlNet shaped like diffusers' "controlnet-*-sdxl-1.0-small": no attention in its down blocks,
-    a shallower middle block than its U-Net's, zero convolutions randomised."""
-    config = {**dict(random_controlnet(tiny_sdxl.unet(), seed).config), "down_block_types": ["DownBlock2D"] * 2,
-              "transformer_layers_per_block": [1, 1]}
+SHALLOW = {  # diffusers' shallower SDXL ControlNets, in small
+    "small": {"down_block_types": ["DownBlock2D"] * 2, "transformer_layers_per_block": [1, 1]},  # no down attention
+    "mid": {"transformer_layers_per_block": [0, 0]},  # attention blocks of 0 transformer layers
+}
+
+
+def shallow_controlnet(kind: str, seed: int) -> ControlNetModel:
+    """An SDXL ControlNet shaped like diffusers' "controlnet-*-sdxl-1.0-small" / "-mid", every weight random."""
+    config = {**dict(random_controlnet(tiny_sdxl.unet(), seed).config), **SHALLOW[kind]}
     torch.manual_seed(seed)
     net = ControlNetModel.from_config(config)
     with torch.no_grad():
@@ -215,16 +219,21 @@ def test_single_files_load_with_a_config_from_the_base(sdxl_pipe, xl_folders, xl
     assert same_weights(ldm.load_controlnet(original, base=sdxl_pipe), real_hint)
 
 
-def test_shallower_sdxl_controlnets_load_from_folders_and_single_files(sdxl_pipe, tmp_path):
+@pytest.mark.parametrize("kind", SHALLOW)
+def test_shallower_sdxl_controlnets_load_from_folders_and_single_files(sdxl_pipe, tmp_path, kind):
     from safetensors.torch import save_file
 
-    net = small_controlnet(5)
-    net.save_pretrained(tmp_path / "controlnet-small", safe_serialization=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "controlnet-small.safetensors"))
-    folder = ldm.load_controlnet(tmp_path / "controlnet-small", base=sdxl_pipe)
-    single = ldm.load_controlnet(tmp_path / "controlnet-small.safetensors", base=sdxl_pipe)
+    net = shallow_controlnet(kind, 5)
+    net.save_pretrained(tmp_path / f"controlnet-{kind}", safe_serialization=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / f"controlnet-{kind}.safetensors"))
+    folder = ldm.load_controlnet(tmp_path / f"controlnet-{kind}", base=sdxl_pipe)
+    single = ldm.load_controlnet(tmp_path / f"controlnet-{kind}.safetensors", base=sdxl_pipe)
     assert same_weights(folder, net) and same_weights(single, net)
-    assert list(single.config.down_block_types) == ["DownBlock2D"] * 2
+    types, depths = list(net.config.down_block_types), list(net.config.transformer_layers_per_block)
+    assert list(single.config.down_block_types) == types
+    assert [d for t, d in zip(types, single.config.transformer_layers_per_block) if "CrossAttn" in t] == \
+        [d for t, d in zip(types, depths) if "CrossAttn" in t]
+    assert single.config.transformer_layers_per_block[-1] == depths[-1]  # the middle block's
     kw = dict(width=W, height=H, steps=3, seed=4, sampler="Euler")
     a, b = (sdxl_pipe.txt2img("x", control=[ldm.ControlUnit(cn, control_image(0, W, H))], **kw) for cn in (folder, single))
     assert max_diff(a.images, b.images) == 0 and max_diff(a.images, sdxl_pipe.txt2img("x", **kw).images) > VISIBLE
