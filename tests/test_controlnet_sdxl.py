@@ -415,3 +415,29 @@ def test_rest_api_lists_sdxl_controlnets_and_refuses_a_family_mismatch_with_422(
         assert r.status_code == 422 and "but the model is SDXL" in r.json()["detail"], r.text
     finally:
         app.close()
+
+
+def test_real_sdxl_shapes_get_the_hub_configs_architecture():
+    """On the meta device (no weights): diffusers/controlnet-canny-sdxl-1.0's architecture, and a 'small' one, as
+    files would hold them, get configs from the bundled SDXL base U-Net config that rebuild every tensor's shape."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    from ldm import single_file
+    from ldm.controlnet_file import derived_config
+
+    unet_config = json.loads((single_file.BUNDLED_CONFIGS["sdxl"] / "unet" / "config.json").read_text())
+    with torch.device("meta"):
+        full = ControlNetModel.from_unet(UNet2DConditionModel.from_config(unet_config),
+                                         conditioning_embedding_out_channels=(16, 32, 96, 256))
+        small = ControlNetModel.from_config({**dict(full.config), "down_block_types": ["DownBlock2D"] * 3,
+                                             "transformer_layers_per_block": [1, 1, 1]})
+    for name, net in (("controlnet-canny-sdxl-1.0", full), ("controlnet-canny-sdxl-1.0-small", small)):
+        header = {k: ("F16", tuple(v.shape)) for k, v in net.state_dict().items()}
+        config = derived_config(unet_config, header, name)
+        with torch.device("meta"):
+            rebuilt = ControlNetModel.from_config(config)
+        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
+        assert config["conditioning_embedding_out_channels"] == [16, 32, 96, 256] and config["cross_attention_dim"] == 2048
+    assert list(full.config.transformer_layers_per_block) == [1, 2, 10]  # the hub config's, from the U-Net's
