@@ -1,11 +1,14 @@
 """Upscaling as a person meets it (issue 17 item 13): txt2img's hires fix lets them pick the upscaler;
 the Upscale tab offers only what is loaded (no x4 model: no x4 labels, a note on how to load one) and
-its hires fix redraws with the image's own prompt unless one is typed. Headless Chromium, tiny model.
+its hires fix redraws with the image's own prompt unless one is typed; its result is shown whole (item 11).
+Headless Chromium, tiny model.
 """
 from __future__ import annotations
 
+import io
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 from conftest import CHROMIUM, launched
@@ -93,3 +96,27 @@ def test_upscale_hires_fix_takes_the_images_own_prompt(page, tmp_path):
     page.click("#upscale-generate")
     page.wait_for_function("document.querySelector('#upscale-info textarea').value.startsWith('a green circle')",
                            timeout=120_000)
+
+
+def test_the_upscaled_picture_is_shown_whole(page, tmp_path):
+    """One tall result (64x128): its top red band and bottom blue band both show in the gallery, at
+    the same size; the single-picture tile used to be a square as wide as the column, taller than the
+    gallery, so the bottom of the picture was cut off."""
+    bands = np.zeros((64, 32, 3), np.uint8)
+    bands[:8], bands[8:-8], bands[-8:] = (255, 0, 0), (0, 200, 0), (0, 0, 255)
+    source = tmp_path / "tall.png"
+    Image.fromarray(bands).save(source)
+    page.get_by_role("tab", name="Upscale").click()
+    page.locator("#upscale-image input[type=file]").set_input_files(str(source))
+    page.wait_for_selector("#upscale-image img", timeout=10_000)
+    page.locator("#upscale-method").get_by_text("nearest").click()
+    page.click("#upscale-generate")
+    wait_done(page, "upscale")
+    page.locator("#upscale-gallery img").first.wait_for(timeout=10_000)
+    time.sleep(1)  # the picture is drawn after its element appears
+    shown = np.asarray(Image.open(io.BytesIO(page.locator("#upscale-gallery").screenshot())).convert("RGB")).astype(int)
+    red = (np.abs(shown - (255, 0, 0)).sum(-1) < 60).sum()
+    blue = (np.abs(shown - (0, 0, 255)).sum(-1) < 60).sum()
+    green = (np.abs(shown - (0, 200, 0)).sum(-1) < 60).sum()
+    assert red > 500 and 0.8 < blue / red < 1.25, (red, blue)
+    assert 5 < green / red < 7.5, (green, red)  # 48 rows of green to 8 of each band: nothing cut

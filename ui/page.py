@@ -4,7 +4,9 @@
   button while that tab is running (its status line says "Running" or "Step").
 * Tooltips (and accessible names) on the unlabelled 🎲 / ♻️ seed buttons and the models bar's 🔄.
 * A generation click says "Queued" in the status line at once (`QUEUED_JS`).
-* Gallery pictures are shown whole (`object-fit: contain`), not cropped to square tiles.
+* Gallery pictures are shown whole (`object-fit: contain`), not cropped to square tiles; a gallery's
+  only picture fills the gallery's height instead of a square tile as wide as the column (Gradio 6.31),
+  which is taller than the gallery and cut the picture's bottom off.
 * On a narrow screen (a phone) the results come right after a tab's Generate/Stop row, before the
   settings: the inputs column (`ldm-inputs`) dissolves into the row and is reordered around the
   results column (`ldm-results`); `ldm-actions` marks the button row.
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 CSS = """
 [id$="-gallery"] img { object-fit: contain !important; }
+[id$="-gallery"] .grid-container:has(> .gallery-item:only-child) { height: 100%; }
+[id$="-gallery"] .gallery-item:only-child > .thumbnail-item { aspect-ratio: auto; height: 100%; }
 @media (max-width: 700px) {
   .ldm-inputs { display: contents !important; }
   .ldm-inputs > * { order: 0; flex: 1 1 100% !important; min-width: 100% !important; }
