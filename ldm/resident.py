@@ -9,6 +9,7 @@ How, and what it costs: each tensor's bytes are read with pread(2) from the file
 says (/proc/self/maps), never through the mapping itself. The mapped pages are therefore never faulted
 in, so the load peak is the private weights plus one tensor, not the weights twice (copying through
 the mapping counts every file page in the process's RSS until the last tensor of that file is copied).
+Vocabulary-sized embedding tables stay mapped (`sparse_tables`).
 """
 from __future__ import annotations
 
@@ -84,9 +85,19 @@ def _read_tensor(t: torch.Tensor, fd: int, offset: int) -> torch.Tensor:
     return raw.view(t.dtype).view(t.shape)
 
 
+SPARSE_ROWS = 1024  # embedding tables at least this long (vocabularies) are read a few rows at a time
+
+
+def sparse_tables(module: torch.nn.Module) -> set[int]:
+    """ids of the weights of `module`'s vocabulary-sized embedding tables. A prompt reads a few dozen of their
+    rows (CLIP's token embedding: 49408 rows, 0.15-0.25 GB in fp32), so they stay mapped: the rows a request
+    needs cost a page fault each, while a private copy would add the whole table to the process's memory."""
+    return {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= SPARSE_ROWS}
+
+
 def keep_resident(modules: Iterable, maps: list[Mapping] | None = None) -> int:
     """Replace every CPU parameter and buffer of `modules` that lies in a mapped weight file by a private
-    copy with the same values; returns the bytes copied. Tensors elsewhere are left alone."""
+    copy with the same values, except `sparse_tables`; returns the bytes copied. Tensors elsewhere are left alone."""
     maps = file_mappings() if maps is None else maps
     if not maps:
         return 0
@@ -95,10 +106,11 @@ def keep_resident(modules: Iterable, maps: list[Mapping] | None = None) -> int:
         for module in modules:
             if module is None:
                 continue
+            sparse = sparse_tables(module)
             for t in (*module.parameters(), *module.buffers()):
                 ptr = t.data_ptr()
                 m = next((m for m in maps if m.holds(ptr)), None) if t.device.type == "cpu" else None
-                if m is None or t.numel() == 0:
+                if m is None or t.numel() == 0 or id(t) in sparse:
                     continue
                 fd = None if m.modified or not t.is_contiguous() else _open(m, files)
                 # through the mapping only when the file cannot be read (replaced, deleted, no preadv)

@@ -83,3 +83,18 @@ def test_load_peak_is_the_weights_once_not_twice(tmp_path):
     copied, growth = int(out[0]), int(out[1])
     assert copied == n * n * 4
     assert growth < 1.25 * copied, f"peak grew by {growth / 2**20:.0f} MB for {copied / 2**20:.0f} MB of weights"
+
+
+def test_vocabulary_tables_stay_mapped(tmp_path):
+    """A prompt reads a few rows of a token embedding: the table stays file-backed, everything else is copied."""
+    from safetensors.torch import load_file, save_file
+
+    model = torch.nn.Sequential(torch.nn.Embedding(2048, 8), torch.nn.Embedding(77, 8), torch.nn.Linear(8, 8))
+    save_file(model.state_dict(), tmp_path / "m.safetensors")
+    mapped = torch.nn.Sequential(torch.nn.Embedding(2048, 8), torch.nn.Embedding(77, 8), torch.nn.Linear(8, 8)).to("meta")
+    mapped.load_state_dict(load_file(tmp_path / "m.safetensors"), assign=True)
+    assert keep_resident([mapped]) == (77 * 8 + 8 * 8 + 8) * 4  # positions and the linear layer
+    maps = file_mappings()
+    assert any(m.holds(mapped[0].weight.data_ptr()) for m in maps)
+    assert not any(m.holds(p.data_ptr()) for p in (*mapped[1].parameters(), *mapped[2].parameters()) for m in maps)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), mapped.state_dict().values()))

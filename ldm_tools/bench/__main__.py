@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sdxl-step", type=int, default=None, metavar="PX",
                    help="only time guided SDXL U-Net steps at PX x PX, fp32: ours vs diffusers on the same single file, "
                         "alternating processes (--repeats pairs, --steps per process; needs ~12-15 GB free)")
+    p.add_argument("--run-rss", action="store_true",
+                   help="only measure peak RSS of loading and of one DDIM txt2img run (--size, default 512; --steps, default 2), "
+                        "ours vs diffusers in fresh processes, fp32, alternating ABBA for --repeats pairs")
     p.add_argument("--sdxl-file", type=Path, default=None, help="for --sdxl-load-rss / --sdxl-step: an existing SDXL single file instead of a written one")
     p.add_argument("--demo", type=Path, default=None, metavar="MODEL", help="only evaluate the demo model's accuracy: default vs fast vs auto dtype")
     p.add_argument("--demo-seeds", type=int, default=2)
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = ensure_sd15_folder(args.model_dir or ROOT / "runs" / "bench" / name, ROOT / "ldm" / "configs" / "clip-tokenizer", width=width)
     if args.vae_tiling:
         return _vae_tiling(args, folder)
+    if args.run_rss:
+        return _run_rss(args, folder)
     return _compare(args, folder)
 
 
@@ -410,6 +415,24 @@ def _sdxl_step(args) -> int:
             written.unlink(missing_ok=True)
     text = sdxl_step.report(results, args.sdxl_step) + head + (f"- note: {args.note}\n" if args.note else "")
     _log(args.out, text)
+    return 0
+
+
+def _run_rss(args, folder: Path) -> int:
+    import torch
+
+    from . import measure, run_rss
+
+    size, steps = args.size or 512, args.steps or 2
+    results = []
+    for r in range(args.repeats or 1):
+        for side in (("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")):
+            results.append(run_rss.run_side(side, folder, size, steps, args.threads))
+            _log(args.out, f"  {side}: {json.dumps(results[-1])}")
+    settings = (f"{args.shape}-width SD-1.5-shaped random weights, fp32, {size}x{size}, {steps} DDIM steps, CFG 7.5, batch 1; "
+                f"CPU {measure.cpu_model()} ({measure.cpu_flags()}), torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+                f"threads {results[0]['threads']}, load average {measure.load_average()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    _log(args.out, run_rss.report(results, settings) + (f"- note: {args.note}\n" if args.note else ""))
     return 0
 
 
