@@ -36,7 +36,7 @@ from .options import Options
 from .params import GenerationParams, Limits
 from .prompt_tags import extract_loras
 from .samplers import make_scheduler
-from .weights_hash import short_hash, weights_files
+from .weights_hash import WeightsHash, hasher
 
 VERSION = "ldm 0.1.0"
 
@@ -114,17 +114,14 @@ class Model:
         """First 10 hex digits of the SHA-256 of the checkpoint file (A1111's short hash); for a diffusers
         folder, of its U-Net weights. Computed once per loaded weights (waits for `start_hashing`'s
         computation if that is running); through the models folder's hash cache when the model is in it."""
-        return self.components.weights_hash.value(self._compute_hash)
+        return self.components.weights_hash.value(hasher(self.components.path, self.library))
 
-    def start_hashing(self) -> None:
+    def start_hashing(self) -> WeightsHash:
         """Compute `model_hash` on a daemon thread now, so no request waits for a multi-GB read unless
-        its infotext is ready before the hash is."""
-        self.components.weights_hash.start(self._compute_hash)
-
-    def _compute_hash(self) -> str:
-        path = self.components.path
-        entry = self.library.entry_at("checkpoints", path) if self.library is not None else None
-        return self.library.short_hash(entry) if entry is not None else short_hash(weights_files(path))
+        its infotext is ready before the hash is. Returns the hash's handle (`.known`: the hash once
+        computed), which, like the thread, holds no model: dropping the model frees it meanwhile."""
+        self.components.weights_hash.start(hasher(self.components.path, self.library))
+        return self.components.weights_hash
 
     def infotext(self, p: GenerationParams, extra: dict | None = None) -> str:
         """A1111's `parameters` text for one image made with `p`."""

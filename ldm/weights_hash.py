@@ -3,14 +3,21 @@
 (`start`), so a multi-GB checkpoint is hashed while the first request runs, not before it.
 
 A caller that needs the hash while it is being computed waits for that computation (one read of the
-file, never two); one that needs it first computes it itself.
+file, never two); one that needs it first computes it itself. The computation (`hasher`) holds only the
+weights' path and the models folder, never the model: a checkpoint switch frees the old pipeline while
+its file is still being read.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+from .library import Library
+
+log = logging.getLogger(__name__)
 
 BLOCK = 1 << 24  # bytes read at a time
 
@@ -29,6 +36,16 @@ def short_hash(files: list[Path], digits: int = 10) -> str:
             for block in iter(lambda: fh.read(BLOCK), b""):
                 h.update(block)
     return h.hexdigest()[:digits]
+
+
+def hasher(path: Path, library: Library | None) -> Callable[[], str]:
+    """The computation of the hash of the weights at `path`: through the models folder's hash cache
+    (ldm-hashes.json) when `library` has them, else by reading them."""
+    def compute() -> str:
+        entry = library.entry_at("checkpoints", path) if library is not None else None
+        return library.short_hash(entry) if entry is not None else short_hash(weights_files(path))
+
+    return compute
 
 
 class WeightsHash:
@@ -64,6 +81,7 @@ class WeightsHash:
     def _run(self, compute: Callable[[], str]) -> None:
         try:
             self.value(compute)
-        except OSError:  # the file went away: the first infotext that needs the hash will say so
+        except OSError as exc:  # the file went away: the first infotext that needs the hash will say so
+            log.warning("could not hash the model's weights: %s", exc)
             with self._starting:
                 self._thread = None

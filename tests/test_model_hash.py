@@ -4,10 +4,14 @@ another model's hash; the infotext still carries the right hash. A sparse file s
 multi-GB weights (reading it costs time, not disk)."""
 from __future__ import annotations
 
+import errno
+import gc
 import hashlib
+import os
 import shutil
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -82,3 +86,52 @@ def test_a_folder_model_is_hashed_once_through_the_folders_cache(tmp_path):
     pipe = ldm.load(folder, device="cpu", dtype="float32", models_dir=lib.root)
     value = pipe.model_hash
     assert lib.cached_short_hash(lib.entry_at("checkpoints", folder)) == value
+
+
+class GatedWeights:
+    """A FIFO among a model's hashed U-Net files: hashing blocks opening it until `release()` writes
+    `DATA`, so a test holds the hash mid-computation without patching how it is computed."""
+
+    DATA = b"gated weights"
+
+    def __init__(self, folder):
+        self.fifo = folder / "unet" / "zz-gate.safetensors"  # sorted last: hashed after the real weights
+        os.mkfifo(self.fifo)
+
+    def release(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until a hash opens it to read
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        os.write(fd, self.DATA)
+        os.close(fd)
+
+    def expected_hash(self) -> str:
+        h = hashlib.sha256()
+        for f in sorted((self.fifo.parent).glob("*.safetensors")):
+            h.update(self.DATA if f == self.fifo else f.read_bytes())
+        return h.hexdigest()[:10]
+
+
+def test_a_background_hash_does_not_keep_a_dropped_model_alive(base_model, tmp_path):
+    """While its file is being read, a model's hash holds only the path: dropping the model (a checkpoint
+    switch) frees its pipeline at once, and the hash still completes for the handle."""
+    folder = shutil.copytree(base_model, tmp_path / "m")
+    pipe = ldm.load(folder, device="cpu", dtype="float32")
+    gate = GatedWeights(folder)
+    handle = pipe.start_hashing()
+    dropped = weakref.ref(pipe)
+    del pipe
+    gc.collect()
+    assert dropped() is None, "the hashing thread keeps the dropped model alive"
+    assert handle.known is None  # still waiting for the gated file
+    gate.release()
+    deadline = time.monotonic() + 30
+    while handle.known is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert handle.known == gate.expected_hash()

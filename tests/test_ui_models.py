@@ -218,9 +218,9 @@ def test_the_rest_api_follows_a_switch_and_does_not_hold_the_old_model(root, tmp
 
 def wait_for_hash(manager, name, timeout=30.0) -> str:
     deadline = time.monotonic() + timeout
-    while name not in manager.hashes and time.monotonic() < deadline:
+    while manager.known_hash(name) is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    return manager.hashes[name]
+    return manager.known_hash(name)
 
 
 def test_titles_are_a1111s_name_and_hash_computed_in_the_background(root, monkeypatch):
@@ -247,6 +247,28 @@ def test_titles_are_a1111s_name_and_hash_computed_in_the_background(root, monkey
     beta = wait_for_hash(ctx.models, "beta")
     assert (f"beta [{beta}]", "beta") in ctx.models.titled() and ctx.models.title("beta") == f"beta [{beta}]"
     assert models.switch_model(ctx, f"alpha [{alpha}]") == "Serving alpha."  # a title switches too
+
+
+def test_a_switch_frees_the_start_up_model_while_its_hash_is_computed(root, tmp_path):
+    """The start-up model from a path outside the folder is hashed by reading its files; a switch meanwhile
+    frees its pipeline (the hash holds only the path), and its title gets the hash when the read ends."""
+    from test_model_hash import GatedWeights
+
+    path = shutil.copytree(root / "Stable-diffusion" / "alpha", tmp_path / "outside")
+    load = models_folder.loader(root)
+    pipe = load(str(path))
+    gate = GatedWeights(path)
+    manager = models.Models(pipe, loader=load, spec=str(path))
+    ctx = state.Context(state.Pipes(pipe), state.Options(outputs=None), models=manager)
+    start_up = weakref.ref(pipe)
+    del pipe
+    assert models.switch_model(ctx, "beta", "Automatic") == "Serving beta."
+    gc.collect()
+    assert start_up() is None, "the start-up model's hash keeps its pipeline alive"
+    assert manager.title("outside") == "outside"  # still hashing
+    gate.release()
+    assert wait_for_hash(manager, "outside") == gate.expected_hash()
+    assert manager.title("outside") == f"outside [{gate.expected_hash()}]"
 
 
 def test_rest_options_switch_checkpoints_and_vaes_as_the_ui_does(root):

@@ -17,9 +17,10 @@ A VAE from the models folder is put on the serving checkpoint with `pipe.with_va
 weights, other VAE); "Automatic" is the checkpoint's own.
 
 Checkpoints are shown as A1111 titles them, "name [hash]" (10 hex of the SHA-256), once the hash is known:
-the serving checkpoint is hashed on a background thread after it loads (through the models folder's hash
-cache, `ldm-hashes.json`, so the next start knows it), others show a hash only if that cache has it. No
-listing or request waits for a hash.
+the serving checkpoint is hashed in the background after it loads (`pipe.start_hashing()`: through the models
+folder's hash cache, `ldm-hashes.json`, so the next start knows it; the thread holds no pipeline, so a switch
+frees the old one even mid-hash), others show a hash only if that cache has it. No listing or request waits
+for a hash.
 
 The txt2img refiner (SDXL) is a checkpoint too: `refiner(name)` reuses a loaded one (the serving checkpoint,
 or one kept by `max_loaded`) and otherwise loads it with the same loader into one refiner slot, kept for the
@@ -80,7 +81,7 @@ class Models:
         self.specs = {self.checkpoint: str(spec or pipe.components.path)}  # name -> what the loader takes
         self.loaded: OrderedDict[str, Any] = OrderedDict({self.checkpoint: pipe})  # most recently used last
         self.lock = threading.Lock()  # one switch at a time
-        self.hashes: dict[str, str] = {}  # checkpoint name -> short hash, filled by `_hash_later`
+        self.hashing: dict[str, Any] = {}  # checkpoint name -> its weights' hash handle (`.known`), from `_hash_later`
         self.refiner_slot: tuple[str, Any] | None = None  # (name, pipeline) of the last refiner loaded
         self.refiner_lock = threading.Lock()
         self._families: dict[tuple, str | None] = {}  # (path, mtime, size) -> checkpoint_family: headers read once
@@ -158,21 +159,23 @@ class Models:
         """The models-folder entry called exactly `name` (no fuzzy matching), or None."""
         return next((e for e in self.library.checkpoints if e.name == name), None) if self.library is not None else None
 
+    def known_hash(self, name: str) -> str | None:
+        """Checkpoint `name`'s short hash if it is computed or in the folder's cache, else None (never waits)."""
+        return self._known(name, self._entry(name))
+
+    def _known(self, name: str, entry: Any) -> str | None:
+        handle = self.hashing.get(name)
+        return (handle.known if handle is not None else None) or (
+            self.library.cached_short_hash(entry) if entry is not None else None)
+
     def _title(self, name: str, entry: Any) -> str:
-        known = self.hashes.get(name) or (self.library.cached_short_hash(entry) if entry is not None else None)
+        known = self._known(name, entry)
         return f"{name} [{known}]" if known else name
 
     def _hash_later(self, name: str, pipe: Any) -> None:
-        """The serving checkpoint's short hash, on a daemon thread: through the folder's cache for a folder entry
-        (only the library is held), else the pipeline's own `model_hash` (held until that is read)."""
-        entry = self._entry(name)
-        if entry is not None:
-            def work():
-                self.hashes[name] = self.library.short_hash(entry)
-        else:
-            def work():
-                self.hashes[name] = pipe.model_hash
-        threading.Thread(target=lambda: _logged(work, name), daemon=True, name="ldm-model-hash").start()
+        """The serving checkpoint's short hash, on the library's background thread, unless already known."""
+        if self.known_hash(name) is None:
+            self.hashing[name] = pipe.start_hashing()
 
     # ---- switching --------------------------------------------------------------------------------
 
@@ -266,8 +269,7 @@ class Models:
             if turn is not None:
                 ctx.queues.leave(old, turn)
             ctx.queues.forget(old)
-        if name not in self.hashes:
-            self._hash_later(name, ctx.pipes.base)
+        self._hash_later(name, ctx.pipes.base)
         log.info("serving checkpoint %s", name)
 
     def _restore(self, ctx: "Context", name: str, vae: str) -> None:
@@ -298,13 +300,6 @@ class Models:
         ctx.queues.leave(old, turn)
         ctx.queues.forget(old)
         log.info("serving checkpoint %s with VAE %s", self.checkpoint, vae)
-
-
-def _logged(work: Callable[[], None], name: str) -> None:
-    try:
-        work()
-    except Exception as exc:  # noqa: BLE001 - a file that cannot be read just shows no hash
-        log.warning("could not hash checkpoint %s: %s", name, exc)
 
 
 # ---- handlers (no Gradio): the UI's top bar and the /switch_model endpoint --------------------------
