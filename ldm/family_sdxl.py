@@ -106,8 +106,8 @@ class SDXLFamily:
     def chunks(self, text: str, tables: list[EmbeddingTable] | None) -> list[Chunk]:
         """One chunking for both encoders (one BPE vocabulary)."""
         if not tables:
-            return chunk_prompt(text, self.prompts.tokenizer)
-        return chunk_prompt(tables[0].explicit(text), self.prompts.tokenizer, tables[0])
+            return chunk_prompt(text, self.prompts.tokens)
+        return chunk_prompt(tables[0].explicit(text), self.prompts.tokens, tables[0])
 
     def token_count(self, text: str) -> int:
         return sum(len(c.ids) for c in self.chunks(text, self.tables()))

@@ -11,6 +11,7 @@ separately), then concatenated along the sequence axis: nothing is truncated.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -109,11 +110,26 @@ class Chunk:
     fixes: list = field(default_factory=list)  # (offset in ids, ldm.embeddings.Embedding) of textual inversions
 
 
-def chunk_prompt(text: str, tokenizer, embeddings: EmbeddingTable | None = None) -> list[Chunk]:
+class TokenIds:
+    """A tokenizer's ids of prompt pieces (no BOS/EOS), remembered for the last `keep` pieces: a run counts
+    its prompt's tokens, then each AND sub-prompt's, then chunks every text it encodes, and the tokenizer
+    reads each piece once."""
+
+    def __init__(self, tokenizer, keep: int = 256):
+        self.tokenizer = tokenizer
+        self.comma = _comma_id(tokenizer)
+
+        def read(piece: str) -> tuple[int, ...]:
+            return tuple(tokenizer(piece, truncation=False, add_special_tokens=False)["input_ids"])
+
+        self.of = functools.lru_cache(maxsize=keep)(read)  # thread-safe; holds the tokenizer, not self
+
+
+def chunk_prompt(text: str, tokens: TokenIds, embeddings: EmbeddingTable | None = None) -> list[Chunk]:
     """Tokenize a prompt into 75-token chunks carrying per-token weights (A1111's rules). Words naming an
     embedding in `embeddings` become its vectors' places; an embedding never straddles two chunks."""
     parsed = parse_attention(text)
-    comma = _comma_id(tokenizer)
+    comma = tokens.comma
     chunks: list[Chunk] = []
     current = Chunk()
     last_comma = -1
@@ -123,12 +139,11 @@ def chunk_prompt(text: str, tokenizer, embeddings: EmbeddingTable | None = None)
         chunks.append(current)
         current, last_comma = Chunk(), -1
 
-    texts = [t for t, _ in parsed]
-    token_lists = tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
-    for ids, (piece, weight) in zip(token_lists, parsed):
+    for piece, weight in parsed:
         if piece == "BREAK" and weight == -1:
             close_chunk()
             continue
+        ids = tokens.of(piece)
         position = 0
         while position < len(ids):
             token = ids[position]
@@ -180,14 +195,15 @@ class PromptEncoder:
 
     def __init__(self, tokenizer, text_encoder, embeddings=None):
         self.tokenizer = tokenizer
+        self.tokens = TokenIds(tokenizer)
         self.text_encoder = text_encoder
         self.embeddings = embeddings  # ldm.embeddings.EncoderEmbeddings, or None: no textual inversion
 
     def chunks(self, text: str) -> list[Chunk]:
         if not self.embeddings:
-            return chunk_prompt(text, self.tokenizer)
+            return chunk_prompt(text, self.tokens)
         table = self.embeddings.table()
-        return chunk_prompt(table.explicit(text), self.tokenizer, table)
+        return chunk_prompt(table.explicit(text), self.tokens, table)
 
     def token_count(self, text: str) -> int:
         return sum(len(c.ids) for c in self.chunks(text))

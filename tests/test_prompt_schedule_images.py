@@ -9,6 +9,8 @@ Each test also shows the feature changes the result compared with the plain prom
 models the last steps move the pixels by less than 1/255 (the first, high-noise steps decide the picture), so
 a switch late in the run is checked on the final latents: equal to the reference's, and far from the plain
 first text's; the pixels are compared with the plain second text's."""
+from collections import Counter
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -241,3 +243,22 @@ def test_refiner_takes_the_same_sub_prompts_and_schedule(sdxl_model, tmp_path):
     assert max_diff(anded.images, plain.images) > TOL
     scheduled = pipe.txt2img("[a castle:a hill:0.6]", negative_prompt="[fog:rain:0.6]", **kw)
     assert scheduled.images[0].size == (W, H)
+
+
+def test_each_distinct_text_is_tokenized_once_per_run(base_model, monkeypatch):
+    """The length checks (the whole prompt, each AND sub-prompt's share) and the encoding read one
+    tokenization per text: no text goes through the tokenizer twice in a run."""
+    pipe = ldm.load(base_model, device="cpu", dtype="float32")  # a fresh model: nothing tokenized yet
+    tokenizer = pipe.tokenizer
+    real = type(tokenizer).__call__
+    read = []
+
+    def counting(self, text, *args, **kwargs):
+        if self is tokenizer:
+            read.extend([text] if isinstance(text, str) else text)
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counting)
+    pipe.txt2img("a cat AND a [dog:fox:0.5]:0.8", negative_prompt="blurry", width=W, height=H, steps=2, seed=1)
+    assert {"a cat", "blurry"} <= {t.strip() for t in read} and any("fox" in t for t in read)
+    assert [t for t, n in Counter(read).items() if n > 1] == []

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ldm.prompts import chunk_prompt, parse_attention
+from ldm.prompts import TokenIds, chunk_prompt, parse_attention
 
 
 # Examples from A1111's parse_prompt_attention docstring, with its exact outputs.
@@ -44,23 +44,23 @@ def test_real_clip_vocabulary(tokenizer):
 
 def test_long_prompt_is_chunked_not_truncated(tokenizer):
     text = " ".join(["castle"] * 200)
-    chunks = chunk_prompt(text, tokenizer)
+    chunks = chunk_prompt(text, TokenIds(tokenizer))
     assert [len(c.ids) for c in chunks] == [75, 75, 50]
 
 
 def test_break_starts_new_chunk(tokenizer):
-    chunks = chunk_prompt("a cat BREAK a dog", tokenizer)
+    chunks = chunk_prompt("a cat BREAK a dog", TokenIds(tokenizer))
     assert len(chunks) == 2 and len(chunks[0].ids) == 2 and len(chunks[1].ids) == 2
 
 
 def test_comma_backtrack_keeps_phrase_together(tokenizer):
     text = "a " * 70 + ", red big shiny ball here"  # comma at 70, chunk fills at 75
-    chunks = chunk_prompt(text, tokenizer)
+    chunks = chunk_prompt(text, TokenIds(tokenizer))
     assert len(chunks[0].ids) == 71 and tokenizer.convert_ids_to_tokens(chunks[0].ids[-1]) == ",</w>"
 
 
 def test_weights_follow_tokens(tokenizer):
-    (chunk,) = chunk_prompt("a (red:1.5) ball", tokenizer)
+    (chunk,) = chunk_prompt("a (red:1.5) ball", TokenIds(tokenizer))
     assert chunk.weights == [1.0, 1.5, 1.0]
 
 
