@@ -190,6 +190,40 @@ def test_service_builder_makes_the_replicas_application():
         service.build({"model": "/m", "replicas": "2", "autoscale": "1:2"})
 
 
+def test_autoscale_flag_reaches_the_serve_deployment(base_pipe, monkeypatch):
+    """app.py --backend ray --autoscale 1:4 deploys the model's replicas with Serve's autoscaler between 1 and 4,
+    one request per replica, and lets 4 requests run at once. Ray is stubbed where it would start a cluster
+    (init, serve.start, serve.run); the deployment is read back through Ray's own schema."""
+    pytest.importorskip("ray.serve", reason="needs requirements-ray.txt")
+    import ray
+    from ray import serve
+    from ray.serve.deployment import Deployment, deployment_to_schema
+
+    deployed = {}
+    real_bind = Deployment.bind
+
+    def bind(self, *args, **kwargs):
+        deployed[self.name] = self
+        return real_bind(self, *args, **kwargs)
+
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # start_backend sets it; restored after
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    monkeypatch.setattr(serve, "start", lambda **kwargs: None)
+    monkeypatch.setattr(serve, "run", lambda application, name, route_prefix: f"handle of {name}")
+    monkeypatch.setattr(Deployment, "bind", bind)
+    args = app.parse_args(["--backend", "ray", "--autoscale", "1:4", "--gpus-per-replica", "0"])
+    backend = app.start_backend(args, app.scale_out(args), None, state.Pipes(base_pipe))
+    assert backend.handles == {"base": "handle of ldm-base"} and list(deployed) == ["base"]
+    schema = deployment_to_schema(deployed["base"])
+    scaling = schema.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.initial_replicas) == (1, 4, 1)
+    assert scaling.target_ongoing_requests == 1 and schema.max_ongoing_requests == 1
+    assert "num_replicas" not in schema.model_dump(exclude_unset=True)  # the autoscaler decides the count
+    assert backend.slots(base_pipe) == 4
+    assert backend.describe().startswith("Ray Serve, autoscaled 1-4 replica(s) per model kind")
+
+
 def test_ray_refuses_loaded_models_as_arguments_with_a_clear_message():
     from scaleout.backend import refuse_loaded_models
 
