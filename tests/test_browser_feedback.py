@@ -79,6 +79,17 @@ def test_out_of_range_values_are_refused_in_the_page_not_clamped(page, field, va
     text = wait_status(page, "txt2img", "Failed: ")
     assert message in text and "Done" not in text
     assert page.locator("#txt2img-gallery img").count() == 0
+    assert page.input_value(f"#{field} input[type=number]") == str(value)  # still what was typed
+
+
+def test_size_sliders_start_at_the_size_step_and_default_to_the_native_size(page, base_pipe):
+    step, native = base_pipe.limits.size_step, base_pipe.default_size
+    for side in ("width", "height"):
+        assert page.get_attribute(f"#txt2img-{side} input[type=range]", "min") == str(step)
+        assert page.input_value(f"#txt2img-{side} input[type=number]") == str(native)
+    page.get_by_role("tab", name="img2img").click()
+    for side in ("width", "height"):
+        assert page.get_attribute(f"#img2img-{side} input[type=range]", "min") == "0"  # 0 = the image's size
 
 
 def test_stop_during_batch_two_keeps_batch_one(page):

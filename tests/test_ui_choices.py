@@ -45,6 +45,7 @@ def test_sliders_follow_the_loaded_pipeline(base_pipe, tmp_path):
         for side in ("width", "height"):
             slider = one(demo, elem_id=f"{tab}-{side}")
             assert (slider.maximum, slider.step) == (limits.max_size, limits.size_step)
+            assert slider.minimum == (limits.size_step if tab == "txt2img" else 0)  # 0 = the image's size
         assert one(demo, elem_id=f"{tab}-batch-size").maximum == limits.max_batch
     clip_skips = components(demo, label="Clip skip")
     assert len(clip_skips) == 3 and {s.maximum for s in clip_skips} == {limits.max_clip_skip}

@@ -88,9 +88,10 @@ def refused(client, api_name="/txt2img", **kwargs) -> str:
 
 
 BAD_TXT2IMG = [
-    ({"width": 0}, "width 0 is out of range"), ({"height": -8}, "less than minimum"),
-    ({"width": 33}, "multiple of 8"), ({"width": MAX_SIZE + 8}, "greater than maximum"),
-    ({"height": 100_000}, "greater than maximum"), ({"steps": 0}, "steps must be a whole number from 1"),
+    # sizes: ldm's range check is the one rule (ui.gradio_compat.library_range), for the page and the API
+    ({"width": 0}, "width 0 is out of range"), ({"height": -8}, "height -8 is out of range"),
+    ({"width": 33}, "multiple of 8"), ({"width": MAX_SIZE + 8}, f"out of range: use 1 to {MAX_SIZE} pixels"),
+    ({"height": 100_000}, "height 100000 is out of range"), ({"steps": 0}, "steps must be a whole number from 1"),
     ({"steps": 10_000}, "greater than maximum"), ({"steps": 2.5}, "whole number"),
     ({"batch_size": 1000}, "greater than maximum"), ({"batch_count": 1000}, "greater than maximum"),
     ({"seed": -5}, "less than minimum"), ({"seed": 2**40}, "seed must be"), ({"clip_skip": 0}, "less than minimum"),

@@ -12,6 +12,12 @@ Patches (replace a method on one Gradio component instance):
   image, a decompression bomb, text for a number, `Infinity` for a seed: OverflowError) reaches the
   caller as `{"error": null}`. All become a message naming the field: plain text without a toast
   for API clients, escaped in a toast for image uploads (`_input_error`).
+* `library_range(slider)` replaces a Slider's `preprocess` by one without Gradio's range check, for
+  values whose range the library checks (width/height: `ldm` refuses 7 as "not a multiple of 8",
+  as it refuses 100). Gradio's check would refuse 7 on a slider starting at 8 before our handler runs,
+  with no word in the page. The page's side: Gradio 6.31's Slider sets a typed value to its range
+  when the number box loses focus (clicking Generate does that), silently; `ui.page`'s script stops
+  that blur from reaching the box of sliders with the `ldm-library-range` class (`LIBRARY_RANGE`).
 * `check_image_headers(component)` replaces the `preprocess` of every `gr.Image`, `gr.ImageEditor`
   and `gr.Gallery` (`ui.layout.build` applies it to all of them: one mechanism for every image input,
   API or UI only; a gallery is an input of the "Send to" buttons). Gradio decodes uploads inside `preprocess` for `type="pil"` / `"numpy"` inputs and for the
@@ -106,6 +112,23 @@ def readable_errors(component, name: str):
     component.preprocess = preprocess
     component._readable_errors = True
     return component
+
+
+LIBRARY_RANGE = "ldm-library-range"  # the elem_class of sliders whose range the library checks
+
+
+def library_range(slider: gr.Slider) -> gr.Slider:
+    """`slider` passing values outside its range on (rounded as Gradio does) for the library to judge;
+    marked with `LIBRARY_RANGE` so the page does not set them to the range either."""
+
+    def preprocess(payload):
+        if isinstance(payload, bool) or not isinstance(payload, (int, float)):  # as Gradio's check fails
+            raise TypeError(f"not a number: {type(payload).__name__}")
+        return gr.Number.round_to_precision(payload, slider.precision)
+
+    slider.preprocess = preprocess
+    slider.elem_classes = [*(slider.elem_classes or []), LIBRARY_RANGE]
+    return slider
 
 
 def _input_error(component):

@@ -4,6 +4,9 @@
   button while that tab is running (its status line says "Running" or "Step").
 * Tooltips (and accessible names) on the unlabelled 🎲 / ♻️ seed buttons and the models bar's 🔄.
 * A generation click says "Queued" in the status line at once (`QUEUED_JS`).
+* Sliders whose range the library checks (`gradio_compat.library_range`: width/height) keep a typed
+  value out of their range when their number box loses focus, where Gradio's Slider would set it to
+  the range without a word: the value reaches `ldm`, which refuses it with its message.
 * Gallery pictures are shown whole (`object-fit: contain`), not cropped to square tiles; a gallery's
   only picture fills the gallery's height instead of a square tile as wide as the column (Gradio 6.31),
   which is taller than the gallery and cut the picture's bottom off.
@@ -15,6 +18,8 @@ The element ids are the ones `ui.widgets` gives: `<tab>-prompt`, `<tab>-negative
 `<tab>-stop`, `<tab>-status`, `<tab>-gallery`.
 """
 from __future__ import annotations
+
+from .gradio_compat import LIBRARY_RANGE
 
 CSS = """
 [id$="-gallery"] img { object-fit: contain !important; }
@@ -50,6 +55,10 @@ KEYS_JS = """
     }
   };
   new MutationObserver(label).observe(document.documentElement, {childList: true, subtree: true});
+  // Captured at the document, the blur never reaches the slider's own handler, which clamps.
+  document.addEventListener('blur', (e) => {
+    if (e.target.matches && e.target.matches('.LIBRARY_RANGE input[type=number]')) e.stopPropagation();
+  }, true);
   document.addEventListener('keydown', (e) => {
     if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) {
       const tab = tabOf(e.target);
@@ -65,4 +74,4 @@ KEYS_JS = """
   }, true);
 })();
 </script>
-"""
+""".replace("LIBRARY_RANGE", LIBRARY_RANGE)

@@ -18,6 +18,7 @@ from . import brush, choices
 from .control_widgets import control_accordion
 from .model_widgets import refiner_accordion
 from .errors import readable
+from .gradio_compat import library_range
 from .state import Context
 from .streaming import Output, Step, done_text, progress_text
 from .tasks import MAX_BATCH_COUNT
@@ -87,8 +88,8 @@ def sampler_fields(pipe, name: str, defaults: dict | None = None) -> dict[str, g
                            label="Schedule type", allow_custom_value=True)
     sampler.change(readable(_schedule_update), [sampler, schedule], schedule, queue=False, api_visibility="private")
     with gr.Row():
-        # Minimums below ldm's (1 step, 1 pixel): the page clamps to a slider's minimum without a
-        # word, so out-of-range values go through and ldm refuses them with its message.
+        # Minimum below ldm's 1 step: the page clamps to a slider's minimum without a word, so 0 goes
+        # through and ldm refuses it with its message (sizes: library_range).
         steps = gr.Slider(0, min(150, pipe.limits.max_steps), value=d["steps"], step=1, label="Sampling steps",
                           elem_id=f"{name}-steps")
         cfg = gr.Slider(0, 30, value=d["guidance_scale"], step=0.5, label="CFG scale")
@@ -101,13 +102,16 @@ def _schedule_update(sampler: str, schedule: str):
 
 
 def size_fields(pipe, name: str, from_image: bool) -> dict[str, gr.Slider]:
-    """Width/height on the model's size step; 0 means "the input image's size" where there is one."""
+    """Width/height on the model's size step, from one step (txt2img, at the native size) or from 0,
+    "the input image's size", where there is one. ldm checks the range (library_range): a typed 7 is
+    refused with its message, as 100 is, not set to the slider's range."""
     step, top = pipe.limits.size_step, pipe.limits.max_size
-    low, value = 0, 0 if from_image else pipe.default_size  # 0: see sampler_fields (txt2img refuses it)
+    low, value = (0, 0) if from_image else (step, pipe.default_size)
     note = " (0 = image's)" if from_image else ""
     with gr.Row():
-        width = gr.Slider(low, top, value=value, step=step, label="Width" + note, elem_id=f"{name}-width")
-        height = gr.Slider(low, top, value=value, step=step, label="Height" + note, elem_id=f"{name}-height")
+        width = library_range(gr.Slider(low, top, value=value, step=step, label="Width" + note, elem_id=f"{name}-width"))
+        height = library_range(gr.Slider(low, top, value=value, step=step, label="Height" + note,
+                                         elem_id=f"{name}-height"))
     return {"width": width, "height": height}
 
 
