@@ -161,15 +161,13 @@ def test_switch_and_list_over_the_api(root):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    from conftest import free_port
+    from conftest import launched
     from ui import build
 
     ctx = make_ctx(root)
     demo = build(ctx.pipes, ctx.options, ctx.models)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with launched(demo) as base:
+        client = Client(base, verbose=False)
         listed = client.predict(api_name="/models")
         assert listed == {"checkpoints": ["alpha", "beta", "broken"], "checkpoint": "alpha",
                           "vaes": ["Automatic", "other-vae"], "vae": "Automatic"}
@@ -180,8 +178,6 @@ def test_switch_and_list_over_the_api(root):
             client.predict(checkpoint="broken", api_name="/switch_model")
         assert client.predict(api_name="/models") | {"checkpoints": None} == {
             "checkpoints": None, "checkpoint": "beta", "vaes": ["Automatic", "other-vae"], "vae": "other-vae"}
-    finally:
-        demo.close()
 
 
 def test_the_rest_api_follows_a_switch_and_does_not_hold_the_old_model(root, tmp_path):
@@ -191,17 +187,15 @@ def test_the_rest_api_follows_a_switch_and_does_not_hold_the_old_model(root, tmp
 
     from ui import build, sdapi
 
-    from conftest import free_port
+    from conftest import launched
 
     ctx = make_ctx(root)
     demo = build(ctx.pipes, ctx.options)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
+    with launched(demo) as base:
         sdapi.mount(demo.app, demo.ldm_context, sdapi.Settings())
         live = demo.ldm_context
         live.models = ctx.models
-        url = f"http://127.0.0.1:{port}/sdapi/v1"
+        url = f"{base}sdapi/v1"
         assert requests.get(f"{url}/sd-models", timeout=10).json()[0]["model_name"] == "alpha"
         old = weakref.ref(live.pipes.base)
         assert models.switch_model(live, "beta", "Automatic") == "Serving beta."
@@ -212,8 +206,6 @@ def test_the_rest_api_follows_a_switch_and_does_not_hold_the_old_model(root, tmp
         r = requests.post(f"{url}/txt2img", json={"prompt": "a cube", "steps": 2, "width": 32, "height": 32, "seed": 3},
                           timeout=60)
         assert r.status_code == 200 and "Model: beta" in r.json()["info"]
-    finally:
-        demo.close()
 
 
 def wait_for_hash(manager, name, timeout=30.0) -> str:
@@ -276,17 +268,15 @@ def test_rest_options_switch_checkpoints_and_vaes_as_the_ui_does(root):
     is released, the next request uses the new one, names/titles/hashes are accepted, failures are readable."""
     import requests
 
-    from conftest import free_port
+    from conftest import launched
     from ui import build, sdapi
 
     ctx = make_ctx(root)
     demo = build(ctx.pipes, ctx.options, ctx.models)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
+    with launched(demo) as base:
         sdapi.mount(demo.app, demo.ldm_context, sdapi.Settings())
         live = demo.ldm_context
-        url = f"http://127.0.0.1:{port}/sdapi/v1"
+        url = f"{base}sdapi/v1"
         alpha = wait_for_hash(live.models, "alpha")
         options = requests.get(f"{url}/options", timeout=10).json()
         assert options["sd_model_checkpoint"] == f"alpha [{alpha}]" and options["sd_vae"] == "Automatic"
@@ -318,5 +308,3 @@ def test_rest_options_switch_checkpoints_and_vaes_as_the_ui_does(root):
         assert requests.post(f"{url}/txt2img", json=body, timeout=60).status_code == 200
         r = requests.post(f"{url}/txt2img", json={**body, "override_settings": {"sd_model_checkpoint": "beta"}}, timeout=10)
         assert r.status_code == 422 and "POST /sdapi/v1/options" in r.json()["detail"]
-    finally:
-        demo.close()

@@ -104,36 +104,30 @@ def test_an_sd1_base_is_refused_before_the_refiner_loads(root):
 def test_refiner_over_the_named_api_and_png_info(root):
     from gradio_client import Client
 
-    from conftest import free_port
+    from conftest import launched
     from ui import build
 
     ctx = make_ctx(root)
     demo = build(ctx.pipes, ctx.options, ctx.models)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with launched(demo) as base:
+        client = Client(base, verbose=False)
         info = client.predict(prompt="a lighthouse", negative_prompt="fog", steps=4, seed=3, width=32, height=32,
                               sampler="Euler", refiner="xl-refiner", refiner_switch_at=0.5, api_name="/txt2img")[1]
         assert "Refiner: xl-refiner [" in info and "Refiner switch at: 0.5" in info
-    finally:
-        demo.close()
 
 
 def test_refiner_over_the_a1111_rest_api(root):
     """A1111's txt2img fields refiner_checkpoint / refiner_switch_at: the same picture as the UI's handler."""
     import requests
 
-    from conftest import free_port
+    from conftest import launched
     from ui import build, sdapi
 
     ctx = make_ctx(root)
     demo = build(ctx.pipes, ctx.options, ctx.models)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
+    with launched(demo) as base:
         sdapi.mount(demo.app, demo.ldm_context, sdapi.Settings())
-        url = f"http://127.0.0.1:{port}/sdapi/v1/txt2img"
+        url = f"{base}sdapi/v1/txt2img"
         body = {"prompt": KW["prompt"], "negative_prompt": "fog", "width": 32, "height": 32, "steps": 4, "seed": 3,
                 "sampler_name": "Euler", "cfg_scale": 7.0, "refiner_checkpoint": "xl-refiner", "refiner_switch_at": 0.5}
         r = requests.post(url, json=body, timeout=120)
@@ -150,8 +144,6 @@ def test_refiner_over_the_a1111_rest_api(root):
         assert r.status_code == 422 and "between 0 and 1" in r.json()["detail"]
         r = requests.post(url, json={**body, "refiner_checkpoint": "None"}, timeout=120)
         assert r.status_code == 200 and "Refiner" not in r.json()["info"]
-    finally:
-        demo.close()
 
 
 def test_switching_to_the_refiner_in_the_slot_does_not_load_it_again(root):
