@@ -124,7 +124,7 @@ def test_png_info_reads_a1111_jpeg_and_restores_hires_fields(page, tmp_path):
     from ldm import metadata
 
     text = ("a cat\r\n  on a mat\r\nSteps: 12, Sampler: Euler a, CFG scale: 6, Seed: 77, Size: 48x32, "
-            "Denoising strength: 0.35, Hires upscale: 2, Hires steps: 4, Hires upscaler: Latent")
+            "Denoising strength: 0.35, Hires upscale: 2, Hires steps: 4, Hires upscaler: Lanczos")
     path = metadata.save_image(Image.new("RGB", (48, 32), (200, 10, 10)), tmp_path / "a1111.jpg", text)
     page.get_by_role("tab", name="PNG info").click()
     page.locator("#png-info-image input[type=file]").set_input_files(str(path))
@@ -137,6 +137,8 @@ def test_png_info_reads_a1111_jpeg_and_restores_hires_fields(page, tmp_path):
     page.locator("#txt2img-hires-scale input[type=number]").wait_for(timeout=10_000)
     assert page.input_value("#txt2img-hires-scale input[type=number]") == "2"
     assert page.input_value("#txt2img-hires-strength input[type=number]") == "0.35"
+    assert page.input_value("#txt2img-hires-steps input[type=number]") == "4"
+    assert page.locator("#txt2img-hires-upscaler").get_by_label("Lanczos").is_checked()
     assert page.input_value("#txt2img-seed input") == "77"
     assert page.input_value("#txt2img-width input[type=number]") == "48"
 
@@ -218,6 +220,16 @@ def test_on_a_narrow_screen_results_follow_the_generate_button(browser, url):
         assert preview["width"] > 300  # full width, not a squeezed column
     finally:
         page.close()
+
+
+def test_clip_skip_is_bounded_by_the_text_encoder(page, base_pipe):
+    depth = base_pipe.limits.max_clip_skip  # the tiny model's text encoder: 5 layers
+    assert page.get_attribute("#txt2img-clip-skip input[type=range]", "max") == str(depth)
+    set_number(page, "txt2img-steps", 2)
+    set_number(page, "txt2img-clip-skip", depth)
+    page.click("#txt2img-generate")
+    wait_status(page, "txt2img", "Done", timeout=60_000)
+    assert f"Clip skip: {depth}" in page.input_value("#txt2img-info textarea")
 
 
 def test_seed_buttons_have_tooltips(page):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -98,14 +100,17 @@ def test_upscale_hires_fix_takes_the_images_own_prompt(page, tmp_path):
                            timeout=120_000)
 
 
-def test_the_upscaled_picture_is_shown_whole(page, tmp_path):
+def test_the_upscaled_picture_is_shown_whole_with_what_was_done(page, tmp_path):
     """One tall result (64x128): its top red band and bottom blue band both show in the gallery, at
     the same size; the single-picture tile used to be a square as wide as the column, taller than the
-    gallery, so the bottom of the picture was cut off."""
+    gallery, so the bottom of the picture was cut off (item 11). The plain resize keeps the picture's
+    parameters with the new size and records what it did as A1111 does (item 9)."""
+    from ldm import metadata
+
     bands = np.zeros((64, 32, 3), np.uint8)
     bands[:8], bands[8:-8], bands[-8:] = (255, 0, 0), (0, 200, 0), (0, 0, 255)
-    source = tmp_path / "tall.png"
-    Image.fromarray(bands).save(source)
+    source = metadata.save_png(Image.fromarray(bands), tmp_path / "tall.png",
+                               "flags\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 32x64")
     page.get_by_role("tab", name="Upscale").click()
     page.locator("#upscale-image input[type=file]").set_input_files(str(source))
     page.wait_for_selector("#upscale-image img", timeout=10_000)
@@ -120,3 +125,10 @@ def test_the_upscaled_picture_is_shown_whole(page, tmp_path):
     green = (np.abs(shown - (0, 200, 0)).sum(-1) < 60).sum()
     assert red > 500 and 0.8 < blue / red < 1.25, (red, blue)
     assert 5 < green / red < 7.5, (green, red)  # 48 rows of green to 8 of each band: nothing cut
+
+    info = page.input_value("#upscale-info textarea")
+    assert info == "flags\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x128", info
+    src = page.locator("#upscale-gallery img").first.get_attribute("src")
+    with Image.open(Path(unquote(src.split("file=", 1)[1]))) as im:
+        assert im.size == (64, 128) and im.info["parameters"] == info
+        assert im.info["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: Nearest"

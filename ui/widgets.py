@@ -131,7 +131,7 @@ def seed_fields(pipe, name: str) -> dict[str, gr.components.Component]:
 def generation_fields(pipe, name: str, from_image: bool) -> dict[str, gr.components.Component]:
     """What every generation tab has: sampler, size, seed and batch, clip skip."""
     fields = sampler_fields(pipe, name) | size_fields(pipe, name, from_image) | seed_fields(pipe, name)
-    fields["clip_skip"] = clip_skip_field(pipe)
+    fields["clip_skip"] = clip_skip_field(pipe, name)
     return fields
 
 
@@ -140,8 +140,8 @@ def image_field(name: str) -> gr.Image:
                     sources=["upload", "clipboard"], elem_id=f"{name}-image")
 
 
-def clip_skip_field(pipe) -> gr.Slider:
-    return gr.Slider(1, pipe.limits.max_clip_skip, value=1, step=1, label="Clip skip")
+def clip_skip_field(pipe, name: str) -> gr.Slider:
+    return gr.Slider(1, pipe.limits.max_clip_skip, value=1, step=1, label="Clip skip", elem_id=f"{name}-clip-skip")
 
 
 def prompt_fields(name: str, placeholder: str = "a red circle on a blue background") -> dict[str, gr.Textbox]:
