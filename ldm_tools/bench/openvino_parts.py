@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"max abs diff U-Net output {du:.2e}; VAE decode {dd:.0f}/255 (rounded pixels)")
 
         other = {"text encoding": lambda: pipe.text_encoder(torch.ones(2, 77, dtype=torch.long))}
-        res = _alternate({"U-Net guided (batch 2)": {"pytorch": unet_call(2, "pytorch"), "openvino": unet_call(2, "openvino")},
+        res = {} if args.repeats < 1 else _alternate({"U-Net guided (batch 2)": {"pytorch": unet_call(2, "pytorch"), "openvino": unet_call(2, "openvino")},
                           "U-Net unguided (batch 1)": {"pytorch": unet_call(1, "pytorch"), "openvino": unet_call(1, "openvino")},
                           "VAE decode": {"pytorch": decode("pytorch"), "openvino": decode("openvino")}}, args.repeats, log)
         text_cpu = min(_timed(other["text encoding"])[0] for _ in range(3))
@@ -144,16 +144,18 @@ def main(argv: list[str] | None = None) -> int:
         bw = (min(w for _, w in pt), min(w for _, w in ov))
         best[part] = bc
         out.append(f"| {part} | {bc[0]:.2f} / {mc[0]:.2f} | {bc[1]:.2f} / {mc[1]:.2f} | {bc[1] / bc[0]:.3f} | {mc[1] / mc[0]:.3f} | {bw[1] / bw[0]:.3f} |")
-    g2, dec = best["U-Net guided (batch 2)"], best["VAE decode"]
-    e2e = [args.steps * g2[i] + dec[i] + text_cpu for i in (0, 1)]
-    out += ["", f"Computed {args.steps}-step end to end (best CPU times; {args.steps} guided U-Net calls + VAE decode + text "
-            f"encoding {text_cpu:.2f} s; sampler and PIL not counted): PyTorch {e2e[0]:.1f} s, OpenVINO {e2e[1]:.1f} s, "
-            f"speed-up {e2e[0] / e2e[1]:.3f}x (U-Net only: {g2[0] / g2[1]:.3f}x)."]
+    e2e = [float("nan"), float("nan")]
+    if res:
+        g2, dec = best["U-Net guided (batch 2)"], best["VAE decode"]
+        e2e = [args.steps * g2[i] + dec[i] + text_cpu for i in (0, 1)]
+        out += ["", f"Computed {args.steps}-step end to end (best CPU times; {args.steps} guided U-Net calls + VAE decode + text "
+                f"encoding {text_cpu:.2f} s; sampler and PIL not counted): PyTorch {e2e[0]:.1f} s, OpenVINO {e2e[1]:.1f} s, "
+                f"speed-up {e2e[0] / e2e[1]:.3f}x (U-Net only: {g2[0] / g2[1]:.3f}x)."]
     if args.e2e:
         out += ["", *_end_to_end(pipe, args, e2e[0], log)]
     text = "\n".join(out) + "\n"
     log(text)
-    (args.out / f"openvino-parts-{args.shape}-{args.size}.md").write_text(text)
+    (args.out / f"openvino-parts-{args.shape}-{args.size}{'-e2e' if args.e2e else ''}.md").write_text(text)
     return 0
 
 
