@@ -1,0 +1,68 @@
+"""Live previews in the model's own colours (issue 17 item 14), as a person sees them: on the demo model,
+whose VAE is not SD 1.x's, the last live preview of a run shows the colours of the picture it becomes.
+Headless Chromium on the demo model.
+
+Not met yet (strict xfail): the linear latent -> RGB map `ldm.latents.fit_preview_map` fits on random
+latents, which decode to colour noise; on a real run's last preview the demo model's blue background
+shows brown (mean error ~92/255 per channel). Even a least-squares map fitted on the very latents of
+finished demo pictures is off by ~24 (the demo VAE is far from linear), so the fix the issue names as
+the alternative is likely needed: decode previews with the VAE when the model is small."""
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from conftest import CHROMIUM, ROOT, launched
+
+pytestmark = pytest.mark.browser
+
+if not CHROMIUM.exists():
+    pytest.skip(f"browser tests need Chromium at {CHROMIUM}", allow_module_level=True)
+pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
+DEMO = ROOT / "weights" / "demo"
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    import ldm
+    from ui import build
+    from ui.state import Options, Pipes
+
+    if not DEMO.exists():
+        pytest.skip("the demo model is not in weights/demo")
+    demo = build(Pipes(ldm.load(DEMO, device="cpu", dtype="float32")),
+                 Options(outputs=tmp_path_factory.mktemp("preview-outputs"), preview_every=1))
+    with launched(demo) as url:
+        yield url
+
+
+def fetched(page, src: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB")).astype(float)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 17 item 14: the fitted linear preview map gets the demo model's colours wrong")
+def test_the_last_preview_has_the_pictures_colours(page):
+    page.fill("#txt2img-prompt textarea", "a red circle on a blue background")
+    page.locator("#txt2img-seed input").fill("3")
+    page.click("#txt2img-generate")
+    last = None
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        src = page.evaluate("document.querySelector('#txt2img-preview img')?.src || null")
+        last = src or last
+        if page.input_value("#txt2img-status textarea").startswith(("Done", "Failed")):
+            break
+        time.sleep(0.05)
+    assert page.input_value("#txt2img-status textarea").startswith("Done")
+    assert last, "no live preview was shown"
+    preview = fetched(page, last)
+    final = fetched(page, page.locator("#txt2img-gallery img").first.get_attribute("src"))
+    # Both at the latent grid (8x8 for 64 px): the preview is a latent -> RGB map, the picture its decode.
+    side = final.shape[0] // 8
+    final = final.reshape(8, side, 8, side, 3).mean((1, 3))
+    preview = np.asarray(Image.fromarray(preview.astype(np.uint8)).resize((8, 8), Image.Resampling.BOX)).astype(float)
+    error = np.abs(preview - final).mean()
+    assert error < 30, error  # mean error per channel, 0-255
