@@ -193,6 +193,25 @@ def test_status_says_queued_then_running_then_done(page):
     assert "idle" not in seen and "" not in seen
 
 
+def test_a_second_visitor_sees_queued_with_their_position(page, browser, url):
+    set_number(page, "txt2img-steps", 150)
+    page.click("#txt2img-generate")
+    wait_status(page, "txt2img", "Step ")
+    other = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        other.goto(url)
+        other.wait_for_selector("#txt2img-prompt textarea", timeout=60_000)
+        set_number(other, "txt2img-steps", 2)
+        other.click("#txt2img-generate")
+        assert "waiting for the model" in wait_status(other, "txt2img", "Queued")
+        other.wait_for_function("/queue: 1\\/1/.test(document.querySelector('#txt2img-gallery').innerText)",
+                                timeout=10_000)  # Gradio's position count, on the results
+        page.click("#txt2img-stop")
+        wait_status(other, "txt2img", "Done", timeout=60_000)  # its turn came
+    finally:
+        other.close()
+
+
 def test_a_non_image_in_the_inpaint_editor_is_a_message(page, tmp_path):
     bogus = tmp_path / "notes.png"
     bogus.write_text("not a picture")
