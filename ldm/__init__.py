@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import torch
+
 from .accel import configure, weights_device
 from .components import ModelKind, ModelLoadError
 from .control_preprocess import PREPROCESSORS
@@ -75,6 +77,8 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, options: Options 
             raise ValueError(f"openvino=True runs on the CPU; got device={str(dev)!r}")
         if dtype is None or str(dtype).lower() == "auto":
             dtype = "float32"  # OpenVINO converts float32 modules (its own bf16 would change the pixels)
+        if resolve_dtypes(dtype, dev).unet != torch.float32:
+            raise ValueError(f"openvino=True runs float32 weights; got dtype={dtype!r}: use dtype='float32' or 'auto'")
     components = load_components(model, device=weights_device(dev, opts.offload), dtype=resolve_dtypes(dtype, dev),
                                  allow_download=allow_download, allow_pickle=allow_pickle, config=config,
                                  prediction_type=prediction)

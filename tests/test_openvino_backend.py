@@ -100,6 +100,8 @@ def test_options_refuse_openvino_with_compile_or_a_gpu(base_model):
         ldm.Options(openvino=True, compile=True).validate()
     with pytest.raises(ValueError, match="on the CPU"):
         ldm.load(base_model, device="cuda", openvino=True)
+    with pytest.raises(ValueError, match="float32"):
+        ldm.load(base_model, device="cpu", dtype="bfloat16", openvino=True)
 
 
 def test_app_flag_reaches_the_pipeline_and_a_missing_package_exits_with_the_message(base_model, cache, monkeypatch):
