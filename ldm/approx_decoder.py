@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .components import ModelLoadError, check_safetensors
+from .latents import to_uint8
 
 FOLDER_NAMES = ("VAE-approx", "vae_approx")  # A1111, ComfyUI
 DECODER_FILES = {"sd": "taesd_decoder", "sdxl": "taesdxl_decoder"}  # per model family (ldm.family names)
@@ -117,4 +118,4 @@ def approx_preview(decoder: torch.nn.Module, latents: torch.Tensor) -> torch.Ten
     """A full-size RGB preview of the U-Net's latents: uint8 [N, H, W, 3] on the CPU."""
     with torch.inference_mode():
         pixels = decoder.decode(latents.to(device=decoder.device, dtype=decoder.dtype), return_dict=False)[0]
-    return ((pixels.float().cpu().permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return to_uint8(pixels)

@@ -147,3 +147,8 @@ def preview(latents: torch.Tensor, rgb_map: torch.Tensor | None = None) -> torch
     else:
         rgb = torch.einsum("nchw,cr->nhwr", lat, _SD_LATENT_RGB)
     return ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1], NCHW -> uint8 NHWC on the CPU, rounded as saved images are."""
+    return ((pixels.float().cpu().permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

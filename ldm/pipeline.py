@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from .approx_decoder import ApproxDecodeVAE, find_approx_decoder, load_approx_decoder
+from .approx_decoder import DECODER_FILES, ApproxDecodeVAE, find_approx_decoder, load_approx_decoder
 from .controlnet import with_control
 from .denoise import StepCallback
 from .engine import Model, Result
 from .extensions import FastPreset
 from .extensions.refiner import RefinerSwitch, check_refiner
+from .previews import Previewer, previewer
 from .tasks import generate, hires, inpaint, upscale_x4
 from .vae_files import load_vae
 
@@ -53,6 +54,15 @@ class Pipeline(Model):
         components = replace(self.components, vae=ApproxDecodeVAE(vae, tiny), vae_name=f"approx {os.path.basename(decoder)}",
                              vae_hash=None, own_vae=self.components.own_vae or vae)
         return Pipeline(components, self.options, self.accel, library=self.library)
+
+    def previewer(self) -> Previewer:
+        """How live previews of this model are drawn (`ldm.previews`): its own VAE when that is small, else its
+        family's TAESD decoder from the models folder's VAE-approx/, else a linear map fitted now. Once per model."""
+        found = None
+        if self.library is not None and self.family.name in DECODER_FILES:
+            found = find_approx_decoder(self.library.root, self.family.name)
+        vae = self.components.vae
+        return previewer(vae, load_approx_decoder(found, device=vae.device, dtype=vae.dtype) if found else None)
 
     def warmup(self, width: int | None = None, height: int | None = None, steps: int = 2) -> None:
         """Pay torch.compile / allocator warm-up for this size now instead of on the first request

@@ -21,7 +21,7 @@ from .gradio_compat import attach_context, blocks, check_image_headers, describe
 from .model_widgets import model_bar, networks_panel, wire_model_bar, wire_networks
 from .models import Models
 from .state import Context, Options, Pipes
-from .streaming import preview_colours
+from .streaming import previewer
 from .widgets import Results, Tab, img2img_tab, inpaint_tab, png_info_tab, txt2img_tab, upscale_tab
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,8 @@ def build(pipes: Pipes, options: Options | None = None, models: Models | None = 
     """The whole UI for already-loaded pipelines; call `.launch()` on the result. `models` switches
     checkpoints (`ui.models`; default: the base model's VAEs only)."""
     ctx = Context(pipes, options or Options(), models=models)
-    if ctx.options.preview_every:  # at load, before any run: the base model's own preview colours
-        preview_colours(pipes.base)
+    if ctx.options.preview_every:  # at load, before any run: how the base model's previews are drawn
+        previewer(pipes.base)
     with blocks(title="ldm — text to image", delete_cache=cache_policy(ctx.options.cache_max_age), css=page.CSS,
                 head=page.KEYS_JS) as demo:
         gr.Markdown("### ldm")

@@ -14,7 +14,6 @@ from typing import Any
 
 from PIL import Image
 
-from ldm.latents import fit_preview_map
 from ldm.latents import preview as latent_preview
 
 log = logging.getLogger(__name__)
@@ -49,37 +48,39 @@ StepCallback = Callable[[int, int, Any], bool]
 PREVIEW_SIDE = 128  # latents are 1/4..1/8 of the image; enlarge small previews so they are visible
 
 
-_COLOURS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PREVIEWERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def preview_colours(pipe):
-    """The model's own latent -> RGB map for previews (`ldm.latents.fit_preview_map`: a few small
-    VAE decodes), fitted once per loaded model; call it while holding the model's turn. None (the
-    generic SD factors) if the fit fails."""
-    if pipe not in _COLOURS:
+def previewer(pipe):
+    """How live previews of `pipe` are drawn (`ldm.Pipeline.previewer`: its VAE when small, a TAESD decoder
+    from the models folder, or a fitted linear map), made once per loaded model; call it while holding the
+    model's turn. None (the generic SD colours) if that fails."""
+    if pipe not in _PREVIEWERS:
         try:
-            _COLOURS[pipe] = fit_preview_map(pipe.components.vae)
+            _PREVIEWERS[pipe] = pipe.previewer()
         except Exception:  # noqa: BLE001 - previews fall back to the generic colours
-            log.warning("could not fit preview colours for %s", pipe.name, exc_info=True)
-            _COLOURS[pipe] = None
-    return _COLOURS[pipe]
+            log.warning("could not set up previews for %s", pipe.name, exc_info=True)
+            _PREVIEWERS[pipe] = None
+    return _PREVIEWERS[pipe]
 
 
-def preview_image(latents, rgb_map=None) -> Image.Image:
-    """Cheap latent -> RGB of the first image in the batch (no VAE), enlarged by a whole factor."""
-    image = Image.fromarray(latent_preview(latents[:1], rgb_map)[0].numpy())
+def preview_image(latents, draw=None) -> Image.Image:
+    """A preview of the first image in the batch by `draw` (a `previewer`), else the generic latent colours,
+    enlarged by a whole factor."""
+    pixels = draw(latents) if draw is not None else latent_preview(latents[:1])[0]
+    image = Image.fromarray(pixels.numpy())
     factor = max(1, PREVIEW_SIDE // max(image.size))
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST) if factor > 1 else image
 
 
 def stream_call(call: Callable[[StepCallback], Any], cancel: threading.Event, preview_every: int,
-                abandon_after: float | None = None, rgb_map=None) -> Iterator[Step | Any]:
+                abandon_after: float | None = None, draw=None) -> Iterator[Step | Any]:
     """Run `call(callback)` in a worker thread; yield `Step`s as it progresses, then its return value.
 
     The callback returns the cancel flag, which is how ldm stops between steps. The flag is set
     when the consumer closes this generator (Stop, closed tab) or stops reading from it for
-    `abandon_after` seconds (a cancel that never reached the generator). `rgb_map`: the model's
-    preview colours (`preview_colours`).
+    `abandon_after` seconds (a cancel that never reached the generator). `draw`: the model's
+    `previewer`.
     """
     cond = threading.Condition()
     state: dict[str, Any] = {"step": None, "preview": None, "done": False, "result": None, "error": None,
@@ -87,7 +88,7 @@ def stream_call(call: Callable[[StepCallback], Any], cancel: threading.Event, pr
 
     def callback(step: int, total: int, latents) -> bool:
         # Previews only every few steps, and never on the last (the decoded image follows).
-        image = preview_image(latents, rgb_map) if preview_every and step % preview_every == 0 and step < total else None
+        image = preview_image(latents, draw) if preview_every and step % preview_every == 0 and step < total else None
         with cond:
             state["step"] = (step, total)
             state["preview"] = image or state["preview"]

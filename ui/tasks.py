@@ -24,7 +24,7 @@ from .backend import Call
 from .convert import as_int, load_upload, size_or_none
 from .models import NO_REFINER
 from .state import Context
-from .streaming import Output, Step, StepCallback, preview_colours, stream_call
+from .streaming import Output, Step, StepCallback, previewer, stream_call
 
 MAX_BATCH_COUNT = 100
 MAX_INFOTEXT_CHARS = 64 * 1024  # at most this much of a user's `parameters` chunk is shown or copied
@@ -74,7 +74,7 @@ def generate(ctx: Context, task: str, call: Callable[[int, StepCallback], Any], 
     turn = None
     try:
         turn = ctx.queues.enter(pipe, cancel, "ui")  # None: stopped while waiting (the loop sees the flag)
-        colours = preview_colours(pipe) if ctx.options.preview_every and turn is not None else None
+        draw = previewer(pipe) if ctx.options.preview_every and turn is not None else None
         for k in range(batch_count):
             if cancel.is_set():
                 out.stopped = True
@@ -82,7 +82,7 @@ def generate(ctx: Context, task: str, call: Callable[[int, StepCallback], Any], 
             seed_k = seed0 + k * batch_size
             try:
                 stream = stream_call(lambda cb, s=seed_k: call(s, cb), cancel, ctx.options.preview_every,
-                                     ctx.options.abandon_after, rgb_map=colours)
+                                     ctx.options.abandon_after, draw=draw)
                 for item in stream:
                     if isinstance(item, Step):
                         item.batch, item.batch_count = k, batch_count

@@ -18,7 +18,7 @@ import ldm
 
 from ..backend import ReplicaDied
 from ..state import Context
-from ..streaming import Step, stream_call
+from ..streaming import Step, previewer, stream_call
 from ..turns import Turn
 from .convert import Plan, encode_png, info
 
@@ -95,6 +95,7 @@ class Jobs:
 
     def _batches(self, job: Job) -> None:
         plan, turn = job.plan, job.turn
+        draw = previewer(plan.pipe) if self.ctx.options.preview_every else None
         for k in range(plan.n_iter):
             if turn.cancel.is_set():
                 break
@@ -104,7 +105,8 @@ class Jobs:
                 flag.set()
             seed_k = plan.seed + k * plan.batch_size
             try:
-                for item in stream_call(lambda cb, s=seed_k: plan.call(s, cb), flag, self.ctx.options.preview_every):
+                for item in stream_call(lambda cb, s=seed_k: plan.call(s, cb), flag, self.ctx.options.preview_every,
+                                        draw=draw):
                     if isinstance(item, Step):
                         turn.update(item.step, item.total, k, plan.n_iter, item.preview)
                     else:
