@@ -37,6 +37,7 @@ def main(argv=None) -> None:
     up = sub.add_parser("upscaler", help="the demo x4 upscaler against Lanczos and bicubic (PSNR, edge width)")
     up.add_argument("--model", default="weights/demo-upscaler")
     up.add_argument("--cases", type=int, default=50)
+    up.add_argument("--guidance", type=float, default=9.0, help="the Upscale tab's default is 9 (diffusers')")
     up.add_argument("--grid", default="docs/images/demo-upscaler.png", help="grid image ('' to skip)")
     a = p.parse_args(argv)
     if a.cmd == "inpaint":
@@ -47,7 +48,7 @@ def main(argv=None) -> None:
     if a.cmd == "upscaler":
         from .upscaler import run as run_upscaler
 
-        run_upscaler(a.model, n=a.cases, grid=a.grid or None)
+        run_upscaler(a.model, n=a.cases, grid=a.grid or None, guidance=a.guidance)
         return
     if a.cmd == "speck":
         from .speck import run as run_speck

@@ -78,7 +78,8 @@ def vae_round_trip(vae, image: np.ndarray) -> Image.Image:
     return Image.fromarray(x.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).numpy())
 
 
-def run(model: str = "weights/demo-upscaler", n: int = 50, grid: str | None = "docs/images/demo-upscaler.png") -> dict:
+def run(model: str = "weights/demo-upscaler", n: int = 50, grid: str | None = "docs/images/demo-upscaler.png",
+        guidance: float = GUIDANCE) -> dict:
     import ldm
 
     t0 = time.time()
@@ -87,7 +88,7 @@ def run(model: str = "weights/demo-upscaler", n: int = 50, grid: str | None = "d
     methods = {
         "Lanczos": lambda s, low: low.resize((64, 64), Image.LANCZOS),
         "bicubic": lambda s, low: low.resize((64, 64), Image.BICUBIC),
-        "demo x4 upscaler": lambda s, low: pipe.upscale(low, W.caption(*s.combo), steps=STEPS, guidance_scale=GUIDANCE,
+        "demo x4 upscaler": lambda s, low: pipe.upscale(low, W.caption(*s.combo), steps=STEPS, guidance_scale=guidance,
                                                         noise_level=NOISE_LEVEL, seed=0).images[0],
         "(ceiling) the 64 px render through the VAE": lambda s, low: vae_round_trip(pipe.vae, W.render(s)),
     }
@@ -115,7 +116,7 @@ def run(model: str = "weights/demo-upscaler", n: int = 50, grid: str | None = "d
         print(f"| {name} | {res[name]['edge_width']:.2f} | {res[name]['iou']:.3f} | {res[name]['psnr']:.2f} |")
     b = res["beats_lanczos"]
     print(f"upscaler better than Lanczos: PSNR in {b['psnr']:.0%} of cases, edge width in {b['edge_width']:.0%}; "
-          f"the library's default sampler, {STEPS} steps, guidance {GUIDANCE}, noise level {NOISE_LEVEL}; "
+          f"the library's default sampler, {STEPS} steps, guidance {guidance}, noise level {NOISE_LEVEL}; "
           f"{(time.time() - t0) / 60:.1f} min")
     if grid:
         save_grid(rows, Path(grid))

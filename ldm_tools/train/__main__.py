@@ -1,4 +1,5 @@
-"""Command line: ``python -m ldm_tools.train demo --out weights/demo [--resume]``, ``... lora``, ``... controlnet``."""
+"""Command line: ``python -m ldm_tools.train demo --out weights/demo [--resume]``, ``... lora``, ``... controlnet``,
+``... vae-decoder``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ def main(argv=None) -> None:
     from .demo import DemoConfig, export_checkpoint, train_demo
     from .controlnet import ControlNetConfig, train_controlnet
     from .lora import LoraConfig, train_lora
+    from .inpaint import InpaintConfig, train_inpaint
+    from .upscaler import UpscalerConfig, train_upscaler
+    from .vae import DecoderConfig, train_decoder
 
     p = argparse.ArgumentParser(prog="python -m ldm_tools.train")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -34,6 +38,7 @@ def main(argv=None) -> None:
     lo.add_argument("--steps", type=int, default=LoraConfig.steps)
     lo.add_argument("--minutes", type=float, default=0.0, help="also stop after this many minutes (0 = no limit)")
     lo.add_argument("--export-only", action="store_true", help="write --out from the checkpoint in --work-dir and exit")
+    lo.add_argument("--init", default="", help="start from this LoRA file (same layers and rank) instead of zero")
     cn = sub.add_parser("controlnet", help="train the demo canny ControlNet for the demo model")
     cn.add_argument("--out", default="weights/demo-models/ControlNet/demo-canny")
     cn.add_argument("--work-dir", default="runs/controlnet")
@@ -41,13 +46,47 @@ def main(argv=None) -> None:
     cn.add_argument("--steps", type=int, default=ControlNetConfig.steps)
     cn.add_argument("--minutes", type=float, default=0.0, help="also stop after this many minutes (0 = no limit)")
     cn.add_argument("--export-only", action="store_true", help="write --out from the checkpoint in --work-dir and exit")
+    vd = sub.add_parser("vae-decoder", help="fine-tune the demo VAE's decoder against stray blobs (encoder frozen)")
+    vd.add_argument("--out", default="weights/demo/vae")
+    vd.add_argument("--model", default="weights/demo")
+    vd.add_argument("--work-dir", default="runs/vae-decoder")
+    vd.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work-dir")
+    vd.add_argument("--steps", type=int, default=DecoderConfig.steps)
+    vd.add_argument("--minutes", type=float, default=0.0, help="also stop after this many minutes (0 = no limit)")
+    vd.add_argument("--export-only", action="store_true", help="write --out from the checkpoint in --work-dir and exit")
+    ip = sub.add_parser("inpaint", help="train the demo 9-channel inpainting model from the demo U-Net")
+    ip.add_argument("--out", default="weights/demo-inpaint")
+    ip.add_argument("--work-dir", default="runs/inpaint")
+    ip.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work-dir")
+    ip.add_argument("--steps", type=int, default=InpaintConfig.steps)
+    ip.add_argument("--minutes", type=float, default=0.0, help="also stop after this many minutes in all (0 = no limit)")
+    ip.add_argument("--export-only", action="store_true", help="write --out from the checkpoint in --work-dir and exit")
+    up = sub.add_parser("upscaler", help="train the demo x4 upscaler (16 -> 64 px) from the demo U-Net")
+    up.add_argument("--out", default="weights/demo-upscaler")
+    up.add_argument("--work-dir", default="runs/upscaler")
+    up.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work-dir")
+    up.add_argument("--steps", type=int, default=UpscalerConfig.steps)
+    up.add_argument("--minutes", type=float, default=0.0, help="also stop after this many minutes in all (0 = no limit)")
+    up.add_argument("--export-only", action="store_true", help="write --out from the checkpoint in --work-dir and exit")
     a = p.parse_args(argv)
+    if a.cmd == "upscaler":
+        train_upscaler(a.out, a.work_dir, dataclasses.replace(UpscalerConfig(), steps=a.steps, minutes=a.minutes),
+                       resume=a.resume or a.export_only, export_only=a.export_only)
+        return
+    if a.cmd == "inpaint":
+        train_inpaint(a.out, a.work_dir, dataclasses.replace(InpaintConfig(), steps=a.steps, minutes=a.minutes),
+                      resume=a.resume or a.export_only, export_only=a.export_only)
+        return
+    if a.cmd == "vae-decoder":
+        train_decoder(a.out, a.work_dir, dataclasses.replace(DecoderConfig(), steps=a.steps, minutes=a.minutes),
+                      model=a.model, resume=a.resume or a.export_only, export_only=a.export_only)
+        return
     if a.cmd == "controlnet":
         train_controlnet(a.out, a.work_dir, dataclasses.replace(ControlNetConfig(), steps=a.steps, minutes=a.minutes),
                          resume=a.resume or a.export_only, export_only=a.export_only)
         return
     if a.cmd == "lora":
-        train_lora(a.out, a.work_dir, dataclasses.replace(LoraConfig(), steps=a.steps, minutes=a.minutes),
+        train_lora(a.out, a.work_dir, dataclasses.replace(LoraConfig(), steps=a.steps, minutes=a.minutes, init=a.init),
                    resume=a.resume or a.export_only, export_only=a.export_only)
         return
     if a.cmd == "demo":
