@@ -1,0 +1,57 @@
+"""The demo VAE and the speck (issue 21 item 1): the encoder, and with it the latent space every demo model
+was trained on, must never change (a decoder fine-tuning, `python -m ldm_tools.train vae-decoder`, may only
+touch the decoder); the round trip of world renders should carry no stray blob (not met yet: expected to fail
+until a fixed decoder ships); the penalty that trainer uses measures what the speck counter counts."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_tools.eval import speck as S
+from ldm_tools.train import vae as V
+from ldm_tools.train import world as W
+
+VAE_DIR = Path(__file__).resolve().parents[1] / "weights" / "demo" / "vae"
+# sha256 of the encoder's and quant_conv's tensors (sorted by name) in the VAE the demo U-Net was trained with
+ENCODER_SHA = "7b9aacd45d9e1498"
+
+
+def test_shipped_vae_keeps_the_encoder_the_demo_models_were_trained_on():
+    from safetensors.torch import load_file
+
+    sd = load_file(str(VAE_DIR / "diffusion_pytorch_model.safetensors"))
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        if k.startswith(("encoder.", "quant_conv.")):
+            h.update(k.encode())
+            h.update(sd[k].numpy().tobytes())
+    assert h.hexdigest()[:16] == ENCODER_SHA
+
+
+@pytest.mark.xfail(strict=True, reason="issue 21 item 1: the shipped decoder puts a speck on ~half the renders; "
+                   "the fine-tuned decoder tried so far was blurred and is not shipped (docs/demo-addons.md)")
+def test_shipped_vae_round_trips_renders_without_specks():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(VAE_DIR)).eval()
+    images = S.renders(48, seed=11)
+    out = S.vae_roundtrip(vae, images)
+    rate = np.mean([S.has_speck(im) for im in out])
+    assert rate <= 0.05, rate  # the decoder before the fine-tuning: 48% on 200 renders
+    assert [W.classify(im).obj for im in out] == [W.classify(im).obj for im in images]
+
+
+def test_segment_distance_is_zero_on_blends_and_measures_a_third_colour():
+    a, b = V.PALETTE[[0]], V.PALETTE[[2]]  # red, blue
+    x = torch.stack([0.3 * a[0] + 0.7 * b[0], a[0], V.PALETTE[1]])  # a blend, an end, green
+    d = V.segment_distance(x.T.reshape(1, 3, 1, 3), a, b)[0, 0]
+    assert torch.allclose(d[:2], torch.zeros(2), atol=1e-6)
+    # green against the red-blue segment, in [-1, 1] units; the speck counter's threshold is 60/127.5
+    assert d[2] > 60 / 127.5
+    g = V.PALETTE[1]
+    t = ((g - a[0]) @ (b[0] - a[0])) / ((b[0] - a[0]) @ (b[0] - a[0]))
+    assert torch.isclose(d[2], (g - a[0] - t.clamp(0, 1) * (b[0] - a[0])).norm())
