@@ -1,19 +1,15 @@
 """The demo VAE and the speck (issue 21 item 1): the encoder, and with it the latent space every demo model
 was trained on, must never change (a decoder fine-tuning, `python -m ldm_tools.train vae-decoder`, may only
-touch the decoder); the round trip of world renders should carry no stray blob (not met yet: expected to fail
-until a fixed decoder ships); the penalty that trainer uses measures what the speck counter counts."""
+touch the decoder); the penalty that trainer uses measures what the speck counter counts. The speck rate
+itself is a figure, not a test yet: `python -m ldm_tools.eval speck` (target not met: 48% of round trips)."""
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-import numpy as np
-import pytest
 import torch
 
-from ldm_tools.eval import speck as S
 from ldm_tools.train import vae as V
-from ldm_tools.train import world as W
 
 VAE_DIR = Path(__file__).resolve().parents[1] / "weights" / "demo" / "vae"
 # sha256 of the encoder's and quant_conv's tensors (sorted by name) in the VAE the demo U-Net was trained with
@@ -30,19 +26,6 @@ def test_shipped_vae_keeps_the_encoder_the_demo_models_were_trained_on():
             h.update(k.encode())
             h.update(sd[k].numpy().tobytes())
     assert h.hexdigest()[:16] == ENCODER_SHA
-
-
-@pytest.mark.xfail(strict=True, reason="issue 21 item 1: the shipped decoder puts a speck on ~half the renders; "
-                   "the fine-tuned decoder tried so far was blurred and is not shipped (docs/demo-addons.md)")
-def test_shipped_vae_round_trips_renders_without_specks():
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(str(VAE_DIR)).eval()
-    images = S.renders(48, seed=11)
-    out = S.vae_roundtrip(vae, images)
-    rate = np.mean([S.has_speck(im) for im in out])
-    assert rate <= 0.05, rate  # the decoder before the fine-tuning: 48% on 200 renders
-    assert [W.classify(im).obj for im in out] == [W.classify(im).obj for im in images]
 
 
 def test_segment_distance_is_zero_on_blends_and_measures_a_third_colour():
