@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -20,6 +19,7 @@ import tiny
 from ldm import single_file
 from ldm import ModelKind, ModelLoadError
 from ldm.devices import ComponentDtypes
+from ldm_tools.bench import sdxl_file
 
 GEN = dict(width=32, height=32, steps=2, seed=5, sampler="Euler")
 
@@ -28,58 +28,8 @@ GEN = dict(width=32, height=32, steps=2, seed=5, sampler="Euler")
 # diffusers only converts original -> diffusers; the tests need the other direction to build a
 # checkpoint like the ones model sites share. Written from the layout, checked by loading it back.
 
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-def _resnet(rest: str) -> str:
-    head, _, tail = rest.partition(".")
-    return f"{_RESNET[head]}.{tail}"
-
-
-def _unet_key(key: str, cfg) -> str:
-    n = cfg.layers_per_block + 1  # original blocks per level: the resnet/attention layers + a down/upsampler
-    fixed = {d: o for d, o in DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"].items()}
-    if key in fixed:
-        return fixed[key]
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        return f"input_blocks.{b * n + j + 1}." + (f"0.{_resnet(rest)}" if kind == "resnets" else f"1.{rest}")
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"input_blocks.{(int(m[1]) + 1) * n}.0.op.{m[2]}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-        return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-        return f"middle_block.1.{m[1]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        return f"output_blocks.{b * n + j}." + (f"0.{_resnet(rest)}" if kind == "resnets" else f"1.{rest}")
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-        b = int(m[1])
-        slot = 2 if "CrossAttn" in cfg.up_block_types[b] else 1  # the upsampler follows the attention, if any
-        return f"output_blocks.{b * n + n - 1}.{slot}.conv.{m[2]}"
-    raise KeyError(key)
-
-
-def _vae_key(key: str, levels: int) -> str:
-    fixed = DIFFUSERS_TO_LDM_MAPPING["vae"]
-    if key in fixed:
-        return fixed[key]
-    key = key.replace("conv_shortcut", "nin_shortcut")
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}"
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):  # original counts up from the bottom
-        return f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{m[3]}"
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-        return f"decoder.up.{levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
-        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)", key):
-        return f"{m[1]}.mid.attn_1.{_VAE_ATTN[m[2]]}.{m[3]}"
-    raise KeyError(key)
+# diffusers key -> original-layout key: the bench's SDXL file writer owns the mapping; these tests use it for every family
+_unet_key, _vae_key = sdxl_file.unet_key, sdxl_file.vae_key
 
 
 def original_layout(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
