@@ -74,3 +74,6 @@ def test_app_uses_the_demo_upscaler_by_default_with_the_demo_model():
     args = app.parse_args(["--model", "some/other-model"])
     app.demo_companions(args)
     assert (args.inpaint_model, args.upscale_model) == (None, None)  # made for the demo model only
+    args = app.parse_args(["--backend", "ray", "--replicas", "2"])
+    app.demo_companions(args)
+    assert args.upscale_model is None  # each model is its own deployment there: only what is asked for
