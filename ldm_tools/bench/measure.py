@@ -1,18 +1,25 @@
 """Measurements: peak memory, machine description, matmul peak, U-Net FLOPs."""
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 
+ROOT = Path(__file__).resolve().parents[2]  # the repo root, where ldm_tools imports from
+
+
 # ---- memory ----------------------------------------------------------------------------------
 
 
-def _status_kb(field: str) -> int | None:
+def status_kb(field: str) -> int | None:
+    """A /proc/self/status field in kB (VmRSS, VmHWM, RssAnon, ...), None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -22,8 +29,21 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
+def side_in_fresh_process(module: str, side: str, path: Path, size: int, steps: int, threads: int | None = None) -> dict:
+    """`ldm_tools.bench.<module>.measure_side(side, path, size, steps)` in a fresh Python process (so each side's
+    memory is its own), optionally on `threads` torch threads: its JSON result."""
+    code = (f"import json, sys, torch; from pathlib import Path; from ldm_tools.bench.{module} import measure_side; "
+            + (f"torch.set_num_threads({threads}); " if threads else "")
+            + "print(json.dumps(measure_side(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))")
+    out = subprocess.run([sys.executable, "-c", code, side, str(path), str(size), str(steps)], cwd=ROOT,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{side} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def rss_bytes() -> int | None:
-    kb = _status_kb("VmRSS")
+    kb = status_kb("VmRSS")
     return None if kb is None else kb * 1024
 
 
@@ -41,7 +61,7 @@ def reset_peak(device: torch.device) -> None:
 def peak_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    kb = _status_kb("VmHWM")
+    kb = status_kb("VmHWM")
     return None if kb is None else kb * 1024
 
 

@@ -7,23 +7,16 @@ there, only for the pages its run touched) and the private part.
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from .measure import side_in_fresh_process, status_kb
+
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
 
 
 def _status() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
+    return {key: status_kb(key) * 1024 for key in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
 
 
 def _reset_peak() -> None:
@@ -71,14 +64,7 @@ def measure_side(side: str, folder: Path, size: int, steps: int) -> dict:
 
 
 def run_side(side: str, folder: Path, size: int, steps: int, threads: int | None = None) -> dict:
-    code = ("import json, sys, torch; from pathlib import Path; from ldm_tools.bench.run_rss import measure_side; "
-            + (f"torch.set_num_threads({threads}); " if threads else "")
-            + "print(json.dumps(measure_side(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))")
-    out = subprocess.run([sys.executable, "-c", code, side, str(folder), str(size), str(steps)], cwd=ROOT,
-                         capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"{side} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return side_in_fresh_process("run_rss", side, folder, size, steps, threads)
 
 
 def report(results: list[dict], settings: str) -> str:

@@ -152,8 +152,7 @@ import json, sys, time
 from pathlib import Path
 import torch
 
-def kb(field):
-    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+from ldm_tools.bench.measure import status_kb as kb
 
 import ldm  # imports (torch, diffusers, transformers) before the baseline
 base = kb("VmRSS")

@@ -11,20 +11,12 @@ latents' checksum (the two sides must agree).
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _kb(field: str) -> int:
-    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith(field + ":"))
+from .measure import side_in_fresh_process, status_kb
 
 
 def inputs(unet_config, size: int, seed: int = 0) -> dict:
@@ -106,28 +98,21 @@ def measure_side(side: str, file: Path, size: int, steps: int, config: Path | No
     t = time.perf_counter()
     unet = (load_ours if side == "ours" else load_diffusers)(file, config)
     gc.collect()
-    load_seconds, load_peak, after_load = time.perf_counter() - t, _kb("VmHWM"), _kb("VmRSS")
+    load_seconds, load_peak, after_load = time.perf_counter() - t, status_kb("VmHWM"), status_kb("VmRSS")
     x = inputs(unet.config, size)
     Path("/proc/self/clear_refs").write_text("5")  # the stepping's own peak from here
     marks = [time.perf_counter()]
     out = (step_ours if side == "ours" else step_diffusers)(unet, x, steps, guidance, lambda: marks.append(time.perf_counter()))
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
     return {"side": side, "load_seconds": load_seconds, "load_peak": load_peak * 1024, "after_load": after_load * 1024,
-            "step_seconds": [b - a for a, b in zip(marks, marks[1:])], "peak": _kb("VmHWM") * 1024, "weights": weights,
+            "step_seconds": [b - a for a, b in zip(marks, marks[1:])], "peak": status_kb("VmHWM") * 1024, "weights": weights,
             "checksum": float(out.double().abs().sum()), "threads": torch.get_num_threads(), "attention":
             type(unet.attn_processors[next(iter(unet.attn_processors))]).__name__}
 
 
 def run_side(side: str, file: Path, size: int, steps: int, threads: int | None = None) -> dict:
     """measure_side in a fresh process."""
-    code = ("import json, sys, torch; from pathlib import Path; from ldm_tools.bench.sdxl_step import measure_side; "
-            + (f"torch.set_num_threads({threads}); " if threads else "")
-            + "print(json.dumps(measure_side(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))")
-    out = subprocess.run([sys.executable, "-c", code, side, str(file), str(size), str(steps)], cwd=ROOT,
-                         capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"{side} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return side_in_fresh_process("sdxl_step", side, file, size, steps, threads)
 
 
 def report(results: list[dict], size: int) -> str:
