@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .components import ModelKind
 from .resident import keep_resident, mapped_file_ranges  # noqa: F401  (mapped_file_ranges: public here too)
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,27 @@ class ChunkedAttention:
         return attn.to_out[1](attn.to_out[0](out))  # linear, dropout
 
 
+# ---- weights resident, except what the usual request never reads -------------------------------
+
+
+def read_on_demand(components) -> tuple[torch.nn.Module, ...]:
+    """The parts `configure` leaves as views of their memory-mapped weight files instead of copying them into
+    private memory (ldm.resident): what the model's usual request never reads. A private copy would hold them in
+    every process's RSS; mapped, the request that needs them reads them from the page cache, or after an idle
+    page-out from the disk, on first use.
+
+    - The VAE's encoder and quant_conv (image -> latents; ~0.13 GB in fp32 for SD's VAE): txt2img, hires fix's
+      latent upscalers, the x4 upscaler and a refiner never read them (diffusers never pages them in for txt2img
+      either); img2img and hires fix's pixel upscalers read them once per request. Kept resident for an inpainting
+      model, whose every request encodes the masked image.
+    - Not listed here because the rule is per table, in every module: vocabulary-sized embeddings
+      (ldm.resident.sparse_tables), of which a prompt reads a few rows."""
+    if components.kind == ModelKind.INPAINT:
+        return ()
+    vae = components.vae
+    return tuple(m for m in (vae.encoder, vae.quant_conv) if m is not None)  # quant_conv is optional in AutoencoderKL
+
+
 # ---- layout, compile, offload ------------------------------------------------------------------
 
 
@@ -169,7 +191,8 @@ def configure(components, *, device: torch.device, attention: str = "auto", comp
     """Apply validated options (ldm.Options) to loaded components (already on `weights_device(device, offload)`)."""
     if weights_device(device, offload).type == "cpu":
         modules = (components.text_encoder, components.text_encoder_2, components.unet, components.vae)
-        log.info("copied %.2f GB of memory-mapped weights into RAM", keep_resident(modules) / 1024**3)
+        copied = keep_resident(modules, leave_mapped=read_on_demand(components))
+        log.info("copied %.2f GB of memory-mapped weights into RAM", copied / 1024**3)
     backend = select_attention(attention, device, unet_dtype=components.unet.dtype)
     apply_attention(components.unet, components.vae, backend)
     nhwc = use_channels_last(channels_last, device)

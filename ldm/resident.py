@@ -9,7 +9,8 @@ How, and what it costs: each tensor's bytes are read with pread(2) from the file
 says (/proc/self/maps), never through the mapping itself. The mapped pages are therefore never faulted
 in, so the load peak is the private weights plus one tensor, not the weights twice (copying through
 the mapping counts every file page in the process's RSS until the last tensor of that file is copied).
-Vocabulary-sized embedding tables stay mapped (`sparse_tables`).
+Vocabulary-sized embedding tables stay mapped (`sparse_tables`), and so do the parts the caller names
+(`leave_mapped`: ldm.accel.read_on_demand says which, and why).
 """
 from __future__ import annotations
 
@@ -95,22 +96,25 @@ def sparse_tables(module: torch.nn.Module) -> set[int]:
     return {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= SPARSE_ROWS}
 
 
-def keep_resident(modules: Iterable, maps: list[Mapping] | None = None) -> int:
+def keep_resident(modules: Iterable, maps: list[Mapping] | None = None, *,
+                  leave_mapped: Iterable[torch.nn.Module] = ()) -> int:
     """Replace every CPU parameter and buffer of `modules` that lies in a mapped weight file by a private
-    copy with the same values, except `sparse_tables`; returns the bytes copied. Tensors elsewhere are left alone."""
+    copy with the same values, except `sparse_tables` and the tensors of the `leave_mapped` submodules;
+    returns the bytes copied. Tensors elsewhere are left alone."""
     maps = file_mappings() if maps is None else maps
     if not maps:
         return 0
+    kept = {id(t) for part in leave_mapped for t in (*part.parameters(), *part.buffers())}
     copied, files = 0, {}
     try:
         for module in modules:
             if module is None:
                 continue
-            sparse = sparse_tables(module)
+            skip = kept | sparse_tables(module)
             for t in (*module.parameters(), *module.buffers()):
                 ptr = t.data_ptr()
                 m = next((m for m in maps if m.holds(ptr)), None) if t.device.type == "cpu" else None
-                if m is None or t.numel() == 0 or id(t) in sparse:
+                if m is None or t.numel() == 0 or id(t) in skip:
                     continue
                 fd = None if m.modified or not t.is_contiguous() else _open(m, files)
                 # through the mapping only when the file cannot be read (replaced, deleted, no preadv)

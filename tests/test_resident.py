@@ -98,3 +98,56 @@ def test_vocabulary_tables_stay_mapped(tmp_path):
     assert any(m.holds(mapped[0].weight.data_ptr()) for m in maps)
     assert not any(m.holds(p.data_ptr()) for p in (*mapped[1].parameters(), *mapped[2].parameters()) for m in maps)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), mapped.state_dict().values()))
+
+
+# ---- what stays mapped on purpose: parts a model's usual request never reads (ldm.accel.read_on_demand) -------------
+
+
+def _in_maps(tensors) -> list[bool]:
+    maps = file_mappings()
+    return [any(m.holds(t.data_ptr()) for m in maps) for t in tensors]
+
+
+def test_vae_encoder_stays_mapped_the_rest_is_private(base_model):
+    """txt2img never reads the VAE's encoder: after ldm.load it is still a view of the mapped file (diffusers never
+    pages it in either), while the decoder, the U-Net and the text encoder are private copies."""
+    import ldm
+
+    pipe = ldm.load(base_model, device="cpu", dtype="float32")
+    vae = pipe.vae
+    assert all(_in_maps((*vae.encoder.parameters(), *vae.quant_conv.parameters())))
+    text = [t for name, t in pipe.text_encoder.named_parameters() if "token_embedding" not in name]  # a sparse table
+    private = (*vae.decoder.parameters(), *vae.post_quant_conv.parameters(), *pipe.unet.parameters(), *text)
+    assert not any(_in_maps(private))
+
+
+def test_img2img_reads_the_mapped_encoder_with_the_same_pixels(base_model):
+    """img2img faults the mapped encoder in from the file: the same pixels as with a private copy, and the run
+    leaves it mapped."""
+    import numpy as np
+    from PIL import Image
+
+    import ldm
+
+    pipe = ldm.load(base_model, device="cpu", dtype="float32")
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    kw = dict(strength=0.6, steps=3, seed=4, sampler="DDIM")
+    mapped = np.asarray(pipe.img2img(init, "a house", **kw).images[0])
+    assert all(_in_maps(pipe.vae.encoder.parameters()))
+    assert keep_resident([pipe.vae]) > 0  # now the encoder is a private copy too
+    assert not any(_in_maps(pipe.vae.encoder.parameters()))
+    assert np.array_equal(mapped, np.asarray(pipe.img2img(init, "a house", **kw).images[0]))
+
+
+def test_read_on_demand_by_model_kind():
+    """Every request of an inpainting model encodes the masked image: its encoder is kept resident."""
+    from types import SimpleNamespace
+
+    import tiny
+    from ldm.accel import read_on_demand
+    from ldm.components import ModelKind
+
+    vae = tiny.vae()
+    for kind in (ModelKind.BASE, ModelKind.UPSCALE, ModelKind.REFINER):
+        assert read_on_demand(SimpleNamespace(kind=kind, vae=vae)) == (vae.encoder, vae.quant_conv)
+    assert read_on_demand(SimpleNamespace(kind=ModelKind.INPAINT, vae=vae)) == ()
