@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import ldm
-from scaleout.config import ScaleOut, keep_local_ray_on_loopback, parse_autoscale
+from scaleout.config import PlacementError, ScaleOut, keep_local_ray_on_loopback, parse_autoscale
 from ui import state
 from ui.backend import BACKENDS
 from ui.tempfiles import private_temp_dir, start_sweeper
@@ -241,8 +241,11 @@ def start_backend(args: argparse.Namespace, scale: ScaleOut | None, device: str 
         raise SystemExit(f"error: --backend ray needs Ray Serve: pip install -r requirements-ray.txt ({exc})") from None
     settings = LoadSettings(device=device, dtype=args.dtype, options=model_options(args), models_dir=args.models_dir)
     print(f"starting Ray Serve replicas ({scale.max_replicas} per model kind) ...", flush=True)
-    backend = RayBackend(scale, settings, {"base": pipes.base, "inpaint": pipes.inpaint, "upscale": pipes.upscale},
-                         max_models=args.max_loaded_models)
+    try:
+        backend = RayBackend(scale, settings, {"base": pipes.base, "inpaint": pipes.inpaint, "upscale": pipes.upscale},
+                             max_models=args.max_loaded_models)
+    except PlacementError as exc:  # before deploying: replicas our own Ray cannot place
+        raise SystemExit(f"error: {exc}") from None
     atexit.register(backend.close)
     print(backend.describe(), flush=True)
     return backend

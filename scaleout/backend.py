@@ -1,10 +1,11 @@
 """`RayBackend`: the front end's side of `--backend ray`.
 
-Start-up: start a local Ray instance (bounded: the replicas' CPUs, no dashboard, node on 127.0.0.1) or
-join a cluster (`address`), start Serve without its HTTP proxy (the Gradio front end is the only
-entry), and run one Serve application per model kind that has a model (base, inpaint, upscale), each a
+Start-up: start a local Ray instance (bounded: every deployment's replicas' CPUs, no dashboard, node on
+127.0.0.1) or join a cluster (`address`), start Serve without its HTTP proxy (the Gradio front end is the
+only entry), and run one Serve application per model kind that has a model (base, inpaint, upscale), each a
 `scaleout.replica.Generator` deployment with `max_ongoing_requests=1`. `serve.run` returns when every
-replica has loaded its model.
+replica has loaded its model, and waits forever for one the cluster cannot place: `check_placement` refuses
+that first on our own Ray, and warns on a joined cluster (which may grow).
 
 A run: the Call goes to the kind's deployment as a streaming request with the model's multiplexed id;
 each `Progress` is handed to the step callback (progress, previews); when it says stop, the stream is
@@ -30,7 +31,7 @@ import ldm
 from ldm.denoise import StepCallback
 from ui.backend import Backend, Call, ReplicaDied
 
-from .config import LOCAL_OBJECT_STORE_BYTES, ScaleOut
+from .config import LOCAL_OBJECT_STORE_BYTES, PlacementError, ScaleOut, machine_cpus
 from .replica import Done, Failed, Generator, LoadSettings, Progress, Started, model_id
 from .service import APP_PREFIX
 
@@ -58,15 +59,18 @@ class RayBackend(Backend):
         self.lock = threading.Lock()
         self.serving: dict[int, Started] = {}  # request number -> the replica process running it
         self.numbers = iter(range(1, 1 << 62))
-        self.start_ray()
+        kinds = [kind for kind, pipe in pipes.items() if pipe is not None]
+        self.start_ray(len(kinds))
         try:
             gpus = self.gpus()
             options = config.serve_options(gpus)
+            elsewhere = {kind for kind in kinds if self.running_elsewhere(APP_PREFIX + kind)}
+            self.check_placement([kind for kind in kinds if kind not in elsewhere], gpus)
             for kind, pipe in pipes.items():
                 if pipe is None:
                     continue
                 app = APP_PREFIX + kind
-                if self.running_elsewhere(app):  # e.g. a KubeRay RayService's (scaleout.service): use it, keep it
+                if kind in elsewhere:  # e.g. a KubeRay RayService's (scaleout.service): use it, keep it
                     self.handles[kind] = serve.get_app_handle(app)
                     log.info("Ray Serve: using the running application %s", app)
                     continue
@@ -81,11 +85,15 @@ class RayBackend(Backend):
 
     # ---- Ray and Serve -----------------------------------------------------------------------
 
-    def start_ray(self) -> None:
+    def start_ray(self, deployments: int) -> None:
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}}
         if self.config.address is None:
+            cpus = self.config.local_cpus(deployments)
+            if cpus > machine_cpus():
+                log.warning("the local Ray instance gets %d logical CPUs for its replicas on a machine with %d: "
+                            "the replicas share cores", cpus, machine_cpus())
             # "local": always a new instance of our own (never one a `ray start` left on this machine).
-            ray.init(address="local", num_cpus=self.config.local_cpus(), include_dashboard=False,
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                      object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1", namespace="ldm",
                      runtime_env=env, log_to_driver=False, configure_logging=False)
             self.started_ray = True
@@ -103,6 +111,27 @@ class RayBackend(Backend):
             return False
         status = serve.status().applications.get(app)
         return status is not None and str(getattr(status.status, "value", status.status)) == "RUNNING"
+
+    def check_placement(self, kinds: list[str], gpus_per_replica: float) -> None:
+        """Before deploying: replicas the cluster cannot place are an error on our own local Ray (it never
+        grows; Serve would wait for them forever), a warning on a joined cluster (an autoscaler may add nodes)."""
+        if self.started_ray:  # our own instance: the CPUs we gave it; GPUs as Ray found them (asked only if needed)
+            cpus = float(self.config.local_cpus(len(kinds)))
+            gpus = ray.cluster_resources().get("GPU", 0.0) if gpus_per_replica > 0 else 0.0
+        else:
+            resources = ray.cluster_resources()
+            cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+        problem = self.config.shortfall(kinds, cpus, gpus, gpus_per_replica)
+        if problem is None:
+            return
+        if self.started_ray:
+            raise PlacementError(
+                f"--backend ray: the local Ray instance cannot place every replica ({problem}); Serve would wait for "
+                "them forever. Lower --replicas (or --autoscale's MAX), --gpus-per-replica (0: CPU only) or "
+                "--cpus-per-replica, load fewer models (--inpaint-model \"\", --upscale-model \"\"), or join a larger "
+                "cluster with --ray-address")
+        log.warning("Ray cluster %s cannot place every replica now (%s): Serve waits until it can (an autoscaling "
+                    "cluster adds nodes; a fixed one never will)", self.config.address, problem)
 
     def gpus(self) -> float:
         if self.config.gpus_per_replica is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # ray.init's smallest object store is 75 MiB; results are a few PNG-sized images, previews a few KB.
@@ -18,6 +19,18 @@ def keep_local_ray_on_loopback() -> None:
     on every interface. The variable's name speaks of Windows/OSX; it is the same switch on Linux. Not
     for joining a cluster (the driver must advertise a reachable address there)."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+class PlacementError(ValueError):
+    """The cluster cannot place every replica asked for (Serve would wait for them forever)."""
+
+
+def machine_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's or taskset's limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
@@ -70,9 +83,27 @@ class ScaleOut:
             return self.autoscale[1]
         return self.replicas or 1
 
-    def local_cpus(self) -> int:
-        """Logical CPUs for a local Ray instance: every replica of one deployment at its largest."""
-        return max(1, math.ceil(self.max_replicas * self.cpus_per_replica))
+    def local_cpus(self, deployments: int = 1) -> int:
+        """Logical CPUs for a local Ray instance: every replica of every deployment (one per model kind) at
+        its largest. Sized for one deployment only, Serve waited forever for the second one's replicas."""
+        return max(1, math.ceil(self.cpus_needed(deployments) - 1e-9))
+
+    def cpus_needed(self, deployments: int) -> float:
+        return deployments * self.max_replicas * self.cpus_per_replica
+
+    def shortfall(self, kinds: Sequence[str], cpus: float, gpus: float, gpus_per_replica: float) -> str | None:
+        """Why a cluster with `cpus` and `gpus` cannot place every replica of the `kinds` deployments, or
+        None. Serve does not fail on a replica it cannot place: `serve.run` waits for it forever."""
+        counts = f"{len(kinds)} deployment(s) ({', '.join(kinds)}) x {self.max_replicas} replica(s)" + \
+            (" (--autoscale's MAX)" if self.autoscale else "")
+        missing = []
+        if self.cpus_needed(len(kinds)) > cpus + 1e-9:
+            missing.append(f"{counts} x {self.cpus_per_replica:g} CPU(s) = {self.cpus_needed(len(kinds)):g} CPUs, "
+                           f"the cluster has {cpus:g}")
+        need_gpus = len(kinds) * self.max_replicas * gpus_per_replica
+        if need_gpus > gpus + 1e-9:
+            missing.append(f"{counts} x {gpus_per_replica:g} GPU(s) = {need_gpus:g} GPUs, the cluster has {gpus:g}")
+        return "; ".join(missing) or None
 
     def serve_options(self, gpus: float) -> dict:
         """The Serve deployment options: placement, one request at a time, fixed or autoscaled count."""

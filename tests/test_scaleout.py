@@ -224,6 +224,68 @@ def test_autoscale_flag_reaches_the_serve_deployment(base_pipe, monkeypatch):
     assert backend.describe().startswith("Ray Serve, autoscaled 1-4 replica(s) per model kind")
 
 
+def test_local_ray_is_sized_for_every_deployment_and_a_shortfall_names_the_numbers():
+    s = ScaleOut(replicas=2, cpus_per_replica=1.0)
+    assert (s.local_cpus(), s.local_cpus(3)) == (2, 6)  # base, inpaint and upscale each deploy 2 replicas
+    assert ScaleOut(autoscale=(1, 4), cpus_per_replica=0.5).local_cpus(3) == 6  # every deployment at its MAX
+    assert s.shortfall(["base", "inpaint", "upscale"], cpus=6, gpus=0, gpus_per_replica=0) is None
+    assert s.shortfall(["base", "inpaint", "upscale"], cpus=2, gpus=0, gpus_per_replica=0) == \
+        "3 deployment(s) (base, inpaint, upscale) x 2 replica(s) x 1 CPU(s) = 6 CPUs, the cluster has 2"
+    assert ScaleOut(autoscale=(0, 3)).shortfall(["base"], cpus=8, gpus=2, gpus_per_replica=1) == \
+        "1 deployment(s) (base) x 3 replica(s) (--autoscale's MAX) x 1 GPU(s) = 3 GPUs, the cluster has 2"
+
+
+@pytest.fixture
+def stub_ray(monkeypatch):
+    """Ray stubbed where it would start or ask a cluster: what ray.init got, which applications serve.run got,
+    and the cluster's resources (`resources`) as the test sets them."""
+    pytest.importorskip("ray.serve", reason="needs requirements-ray.txt")
+    import ray
+    from ray import serve
+
+    seen = {"init": None, "run": [], "resources": {"CPU": 0.0}}
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # start_backend sets it; restored after
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.__setitem__("init", kwargs))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(seen["resources"]))
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    monkeypatch.setattr(serve, "start", lambda **kwargs: None)
+    monkeypatch.setattr(serve, "status", lambda: type("Status", (), {"applications": {}})())
+    monkeypatch.setattr(serve, "run", lambda application, name, route_prefix: seen["run"].append(name) or name)
+    return seen
+
+
+def test_local_ray_gets_cpus_for_every_deployment(base_pipe, stub_ray):
+    """Two models on the app's own Ray: it is started with both deployments' CPUs (sized for one, Serve waited
+    forever for the second deployment's replicas) and both are deployed."""
+    args = app.parse_args(["--backend", "ray", "--replicas", "2", "--gpus-per-replica", "0"])
+    backend = app.start_backend(args, app.scale_out(args), None, state.Pipes(base_pipe, inpaint=base_pipe))
+    assert stub_ray["init"]["num_cpus"] == 4 and stub_ray["run"] == ["ldm-base", "ldm-inpaint"]
+    assert backend.slots(base_pipe) == 2
+
+
+def test_replicas_the_local_ray_cannot_place_are_a_start_up_error_before_deploying(base_pipe, stub_ray):
+    stub_ray["resources"] = {"CPU": 4.0, "GPU": 1.0}  # one GPU on this machine, as Ray finds it
+    args = app.parse_args(["--backend", "ray", "--replicas", "2", "--gpus-per-replica", "1"])
+    with pytest.raises(SystemExit) as exc:
+        app.start_backend(args, app.scale_out(args), None, state.Pipes(base_pipe, inpaint=base_pipe))
+    message = str(exc.value)
+    assert message.startswith("error: --backend ray: the local Ray instance cannot place every replica")
+    assert "2 deployment(s) (base, inpaint) x 2 replica(s) x 1 GPU(s) = 4 GPUs, the cluster has 1" in message
+    assert all(flag in message for flag in ("--replicas", "--gpus-per-replica", "--inpaint-model", "--ray-address"))
+    assert stub_ray["run"] == []  # refused before deploying anything (serve.run would have waited forever)
+
+
+def test_a_joined_cluster_too_small_now_is_a_warning_not_an_error(base_pipe, stub_ray, caplog):
+    """A cluster we join may autoscale: the shortfall is logged and the deployments go ahead."""
+    stub_ray["resources"] = {"CPU": 2.0}
+    args = app.parse_args(["--backend", "ray", "--replicas", "2", "--gpus-per-replica", "0", "--ray-address", "auto"])
+    with caplog.at_level("WARNING", logger="scaleout.backend"):
+        app.start_backend(args, app.scale_out(args), None, state.Pipes(base_pipe, inpaint=base_pipe))
+    assert stub_ray["run"] == ["ldm-base", "ldm-inpaint"] and "num_cpus" not in stub_ray["init"]
+    assert "cannot place every replica now (2 deployment(s) (base, inpaint) x 2 replica(s) x 1 CPU(s) = 4 CPUs, " \
+           "the cluster has 2)" in caplog.text
+
+
 def test_ray_refuses_loaded_models_as_arguments_with_a_clear_message():
     from scaleout.backend import refuse_loaded_models
 
