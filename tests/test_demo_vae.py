@@ -38,3 +38,15 @@ def test_segment_distance_is_zero_on_blends_and_measures_a_third_colour():
     g = V.PALETTE[1]
     t = ((g - a[0]) @ (b[0] - a[0])) / ((b[0] - a[0]) @ (b[0] - a[0]))
     assert torch.isclose(d[2], (g - a[0] - t.clamp(0, 1) * (b[0] - a[0])).norm())
+
+
+def test_repaired_targets_move_only_the_speck_and_its_neighbours_onto_the_segment():
+    a, b = V.PALETTE[[0]], V.PALETTE[[2]]  # red background, blue object
+    img = a[0][:, None, None].repeat(1, 8, 8).clone()
+    img[:, :, 4:] = 0.5 * a[0][:, None, None] + 0.5 * b[0][:, None, None]  # an edge blend: not a speck
+    img[:, 1, 1] = V.PALETTE[1]  # one green pixel
+    target, repaired = V.repaired_targets(img[None], a, b, margin=0.3)
+    assert V.segment_distance(target, a, b).max() < 1e-5  # no pixel left off the red-blue segment
+    assert repaired[0, 0, :3, :3].all() and repaired.sum() == 9  # the speck and its 8 neighbours
+    assert torch.equal(target[0][:, ~repaired[0, 0]], img[:, ~repaired[0, 0]])  # the rest exactly as it was
+    assert not torch.equal(target[0, :, 1, 1], img[:, 1, 1])

@@ -32,13 +32,16 @@ def _self_ticks() -> int:
 
 class ThreadGovernor:
     def __init__(self, max_threads: int = 2, interval: float = 3.0, high: float = 0.5, low: float = 0.2):
-        self.max_threads = max_threads
+        # OMP_NUM_THREADS caps it: a job that shares the heavy-job lock asks for 1 thread this way, and
+        # torch.set_num_threads below would otherwise override the variable
+        cap = os.environ.get("OMP_NUM_THREADS", "")
+        self.max_threads = min(max_threads, int(cap)) if cap.isdigit() and int(cap) > 0 else max_threads
         self.interval = interval
         self.high, self.low = high, low
-        self.enabled = os.path.exists("/proc/stat") and max_threads > 1
+        self.enabled = os.path.exists("/proc/stat") and self.max_threads > 1
         self.hz = os.sysconf("SC_CLK_TCK") if self.enabled else 100
-        self.threads = max_threads
-        torch.set_num_threads(max_threads)
+        self.threads = self.max_threads
+        torch.set_num_threads(self.max_threads)
         self._t = time.monotonic()
         self._busy = _busy_ticks() if self.enabled else 0
         self._self = _self_ticks() if self.enabled else 0
