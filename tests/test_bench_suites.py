@@ -43,3 +43,14 @@ def test_cpu_flags_report_what_decides_the_kernels():
 def test_ldm_bench_points_to_the_tools():
     out = subprocess.run([sys.executable, "-m", "ldm.bench"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "python -m ldm_tools.bench" in out.stderr
+
+
+def test_encode_pagein_variants_on_the_tiny_model(base_model):
+    """--encode-pagein's variants differ in the way they say: the encoder a private copy, or left mapped. (How much
+    the first read pages in shows on real sizes only: loading a file this small already faults most of it in.)"""
+    from ldm_tools.bench import encode_pagein
+
+    private, mapped = (encode_pagein.measure_side(v, base_model, 64) for v in ("private", "mapped"))
+    assert private["mapped_bytes"] == 0
+    assert mapped["mapped_bytes"] == mapped["encoder_bytes"] > 0
+    assert "| mapped |" in encode_pagein.report([private, mapped], "tiny")

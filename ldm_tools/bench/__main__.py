@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-rss", action="store_true",
                    help="only measure peak RSS of loading and of one DDIM txt2img run (--size, default 512; --steps, default 2), "
                         "ours vs diffusers in fresh processes, fp32, alternating ABBA for --repeats pairs")
+    p.add_argument("--encode-pagein", action="store_true",
+                   help="only measure what the first img2img after loading pays to read the mapped VAE encoder (--size, "
+                        "default 512): private / mapped / mapped with the file dropped from the page cache, fresh processes, --repeats rounds")
     p.add_argument("--sdxl-file", type=Path, default=None, help="for --sdxl-load-rss / --sdxl-step: an existing SDXL single file instead of a written one")
     p.add_argument("--demo", type=Path, default=None, metavar="MODEL", help="only evaluate the demo model's accuracy: default vs fast vs auto dtype")
     p.add_argument("--demo-seeds", type=int, default=2)
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return _vae_tiling(args, folder)
     if args.run_rss:
         return _run_rss(args, folder)
+    if args.encode_pagein:
+        return _encode_pagein(args, folder)
     return _compare(args, folder)
 
 
@@ -433,6 +438,23 @@ def _run_rss(args, folder: Path) -> int:
                 f"CPU {measure.cpu_model()} ({measure.cpu_flags()}), torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
                 f"threads {results[0]['threads']}, load average {measure.load_average()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     _log(args.out, run_rss.report(results, settings) + (f"- note: {args.note}\n" if args.note else ""))
+    return 0
+
+
+def _encode_pagein(args, folder: Path) -> int:
+    import torch
+
+    from . import encode_pagein, measure
+
+    size, results = args.size or 512, []
+    for r in range(args.repeats or 1):
+        for variant in (encode_pagein.VARIANTS if r % 2 == 0 else encode_pagein.VARIANTS[::-1]):
+            results.append(encode_pagein.run_side(variant, folder, size, args.threads))
+            _log(args.out, f"  {variant}: {json.dumps(results[-1])}")
+    settings = (f"{args.shape}-width SD-1.5-shaped random weights, fp32, {size}x{size}; CPU {measure.cpu_model()} "
+                f"({measure.cpu_flags()}), torch CPU capability {torch.backends.cpu.get_cpu_capability()}, threads "
+                f"{results[0]['threads']}, load average {measure.load_average()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    _log(args.out, encode_pagein.report(results, settings) + (f"- note: {args.note}\n" if args.note else ""))
     return 0
 
 
