@@ -38,6 +38,7 @@ from .controlnet_file import check_family, check_kind, load_controlnet_file
 from .extensions.control import ControlResiduals
 from .extensions.fast import FastPreset
 from .library import legacy_hash
+from .params import CONTROL_STEPS, CONTROL_WEIGHT, Range
 
 RESIZE_MODES = {"just": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}  # name -> A1111 label
 CONTROL_MODES = {  # A1111's "Control mode" -> ControlUnit settings
@@ -134,9 +135,9 @@ def _load_folder(folder: Path, dtype, unet_config: dict | None) -> torch.nn.Modu
     return module
 
 
-def _number(name: str, value, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ValueError(f"ControlNet {name} must be a number from {low:g} to {high:g}, got {value!r}")
+def _number(name: str, value, allowed: Range) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in allowed:
+        raise ValueError(f"ControlNet {name} must be a number from {allowed.text()}, got {value!r}")
     return float(value)
 
 
@@ -211,8 +212,8 @@ class ControlUnit:
             model = ControlNet(model, "controlnet")
         if not isinstance(model, ControlNet):
             raise ValueError(f"ControlUnit.model must be a ControlNet from ldm.load_controlnet, got {type(model).__name__}")
-        weight = _number("weight", self.weight, 0.0, 2.0)
-        start, end = _number("start", self.start, 0.0, 1.0), _number("end", self.end, 0.0, 1.0)
+        weight = _number("weight", self.weight, CONTROL_WEIGHT)
+        start, end = _number("start", self.start, CONTROL_STEPS), _number("end", self.end, CONTROL_STEPS)
         if start >= end:
             raise ValueError(f"ControlNet start ({start:g}) must be before end ({end:g}): both are fractions of the steps")
         for name in ("guess_mode", "soft"):

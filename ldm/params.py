@@ -12,6 +12,34 @@ MAX_SEED = 2**32 - 1  # A1111's seed range; seed + i must stay a valid torch see
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a number may take: `low` to `high`, an end itself excluded when open (strength > 0)."""
+
+    low: float
+    high: float
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = self.low < value if self.open_low else self.low <= value
+        return above and (value < self.high if self.open_high else value <= self.high)
+
+    def text(self) -> str:
+        if not (self.open_low or self.open_high):
+            return f"{self.low:g} to {self.high:g}"
+        return f"{'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+
+
+# The fixed ranges; the per-model ones (sizes, steps, batch, clip skip) are Limits.range's.
+GUIDANCE = Range(0, 100)  # CFG scale; at 1 or below the unconditional pass is skipped
+STRENGTH = Range(0, 1, open_low=True)  # share of the schedule run on an input image
+HIRES_SCALE = Range(1, math.inf)  # 1 = no enlargement; the size it gives is checked against max_size
+CONTROL_WEIGHT = Range(0, 2)  # a ControlNet unit's weight
+CONTROL_STEPS = Range(0, 1)  # a ControlNet unit's start and end, fractions of the steps
+REFINER_SWITCH = Range(0, 1, open_low=True, open_high=True)  # the fraction of the steps before the refiner
+
+
+@dataclass(frozen=True)
 class Limits:
     """What one pipeline accepts. size_step comes from the VAE's latent factor, max_clip_skip from the
     text encoder's depth, the rest from `ldm.Options`."""
@@ -22,6 +50,14 @@ class Limits:
     max_steps: int = 1000
     max_clip_skip: int = 12
     max_prompt_tokens: int = 1200
+
+    def range(self, name: str) -> Range:
+        """The values `validate` (and the hires fix) accept for a number: the one table the UI's sliders read.
+        Sizes are also multiples of size_step."""
+        return {"width": Range(self.size_step, self.max_size), "height": Range(self.size_step, self.max_size),
+                "steps": Range(1, self.max_steps), "batch_size": Range(1, self.max_batch),
+                "clip_skip": Range(1, self.max_clip_skip), "guidance_scale": GUIDANCE, "strength": STRENGTH,
+                "hires_scale": HIRES_SCALE}[name]
 
     @property
     def max_prompt_chars(self) -> int:
@@ -65,20 +101,20 @@ class GenerationParams:
                 raise ValueError(f"{name} {v} is out of range: use 1 to {limits.max_size} pixels")
             if v % limits.size_step:
                 raise ValueError(f"{name} {v} is not a multiple of {limits.size_step} (this model's size step)")
-        _check_int("steps", self.steps, 1, limits.max_steps)
-        _check_int("batch_size", self.batch_size, 1, limits.max_batch)
-        _check_int("clip_skip", self.clip_skip, 1, limits.max_clip_skip,
+        _check_int("steps", self.steps, limits.range("steps"))
+        _check_int("batch_size", self.batch_size, limits.range("batch_size"))
+        _check_int("clip_skip", self.clip_skip, limits.range("clip_skip"),
                    f" (this model's text encoder has {limits.max_clip_skip} layers)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not (-1 <= self.seed <= MAX_SEED):
             raise ValueError(f"seed must be -1 (random) or 0 to {MAX_SEED}, got {self.seed!r}")
         if self.seed + self.batch_size - 1 > MAX_SEED:
             raise ValueError(f"seed {self.seed} + batch of {self.batch_size} passes {MAX_SEED}")
         g = self.guidance_scale
-        if not isinstance(g, (int, float)) or isinstance(g, bool) or not math.isfinite(g) or not 0 <= g <= 100:
-            raise ValueError(f"guidance_scale (CFG scale) must be a number from 0 to 100, got {g!r}")
+        if not isinstance(g, (int, float)) or isinstance(g, bool) or not math.isfinite(g) or g not in GUIDANCE:
+            raise ValueError(f"guidance_scale (CFG scale) must be a number from {GUIDANCE.text()}, got {g!r}")
         s = self.strength
-        if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s) or not 0 < s <= 1:
-            raise ValueError(f"strength (denoising strength) must be in (0, 1], got {s!r}")
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s) or s not in STRENGTH:
+            raise ValueError(f"strength (denoising strength) must be in {STRENGTH.text()}, got {s!r}")
         sampler, schedule = samplers.resolve(self.sampler, self.schedule)
         return replace(self, sampler=sampler, schedule=schedule)
 
@@ -93,6 +129,6 @@ class GenerationParams:
         return {f.name for f in fields(cls)}
 
 
-def _check_int(name: str, value, lo: int, hi: int, why: str = "") -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be a whole number from {lo} to {hi}{why}, got {value!r}")
+def _check_int(name: str, value, allowed: Range, why: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value not in allowed:
+        raise ValueError(f"{name} must be a whole number from {allowed.text()}{why}, got {value!r}")

@@ -71,6 +71,9 @@ def test_ui_only_errors_appear_in_the_status_line(page, tmp_path):
     ("txt2img-width", 7, "width 7 is not a multiple of 8"),
     ("txt2img-width", 100, "width 100 is not a multiple of 8"),
     ("txt2img-steps", 0, "steps"),
+    ("txt2img-cfg", 101, "guidance_scale (CFG scale) must be a number from 0 to 100"),
+    ("txt2img-batch-size", 17, "batch_size must be a whole number from 1 to 16, got 17"),
+    ("txt2img-batch-count", 101, "batch_count must be from 1 to 100, got 101"),
 ])
 def test_out_of_range_values_are_refused_in_the_page_not_clamped(page, field, value, message):
     set_number(page, field, value)
@@ -82,14 +85,49 @@ def test_out_of_range_values_are_refused_in_the_page_not_clamped(page, field, va
     assert page.input_value(f"#{field} input[type=number]") == str(value)  # still what was typed
 
 
+def test_steps_and_cfg_typed_past_the_track_are_ldms_to_judge(page, base_pipe):
+    """The steps and CFG tracks end at A1111's 150 and 30; a typed value past them is used as typed when ldm
+    allows it and refused with ldm's message when it does not: never set to the track's end."""
+    top = base_pipe.limits.max_steps
+    set_number(page, "txt2img-steps", top + 1)
+    page.click("#txt2img-generate")
+    assert f"steps must be a whole number from 1 to {top}, got {top + 1}" in wait_status(page, "txt2img", "Failed: ")
+    assert page.input_value("#txt2img-steps input[type=number]") == str(top + 1)
+
+    set_number(page, "txt2img-steps", 151)
+    set_number(page, "txt2img-cfg", 45)
+    page.click("#txt2img-generate")
+    wait_status(page, "txt2img", "Done", timeout=120_000)
+    info = page.input_value("#txt2img-info textarea")
+    assert "Steps: 151," in info and "CFG scale: 45," in info, info
+    assert page.input_value("#txt2img-steps input[type=number]") == "151"
+
+
 def test_size_sliders_start_at_the_size_step_and_default_to_the_native_size(page, base_pipe):
     step, native = base_pipe.limits.size_step, base_pipe.default_size
     for side in ("width", "height"):
         assert page.get_attribute(f"#txt2img-{side} input[type=range]", "min") == str(step)
         assert page.input_value(f"#txt2img-{side} input[type=number]") == str(native)
+
+
+def test_image_tabs_sizes_start_at_the_size_step_too_and_0_is_the_images_size(page, base_pipe, tmp_path):
+    """img2img's (and inpaint's) sliders have txt2img's range (ldm's sizes); they start at 0, "the image's
+    size", which stays 0 when its box loses focus and gives a result of the picture's size."""
+    step = base_pipe.limits.size_step
     page.get_by_role("tab", name="img2img").click()
     for side in ("width", "height"):
-        assert page.get_attribute(f"#img2img-{side} input[type=range]", "min") == "0"  # 0 = the image's size
+        assert page.get_attribute(f"#img2img-{side} input[type=range]", "min") == str(step)
+        assert page.input_value(f"#img2img-{side} input[type=number]") == "0"
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(picture)
+    page.locator("#img2img-image input[type=file]").set_input_files(str(picture))
+    page.wait_for_selector("#img2img-image img", timeout=10_000)
+    set_number(page, "img2img-steps", 2)
+    page.click("#img2img-width input[type=number]")  # Generate's click takes the focus from the box
+    page.click("#img2img-generate")
+    wait_status(page, "img2img", "Done", timeout=60_000)
+    assert "Size: 48x40" in page.input_value("#img2img-info textarea")
+    assert page.input_value("#img2img-width input[type=number]") == "0"
 
 
 def test_stop_during_batch_two_keeps_batch_one(page):

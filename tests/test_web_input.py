@@ -92,10 +92,18 @@ BAD_TXT2IMG = [
     ({"width": 0}, "width 0 is out of range"), ({"height": -8}, "height -8 is out of range"),
     ({"width": 33}, "multiple of 8"), ({"width": MAX_SIZE + 8}, f"out of range: use 1 to {MAX_SIZE} pixels"),
     ({"height": 100_000}, "height 100000 is out of range"), ({"steps": 0}, "steps must be a whole number from 1"),
-    ({"steps": 10_000}, "greater than maximum"), ({"steps": 2.5}, "whole number"),
-    ({"batch_size": 1000}, "greater than maximum"), ({"batch_count": 1000}, "greater than maximum"),
-    ({"seed": -5}, "less than minimum"), ({"seed": 2**40}, "seed must be"), ({"clip_skip": 0}, "less than minimum"),
-    ({"guidance_scale": -1}, "less than minimum"), ({"hires_scale": 100}, "greater than maximum"),
+    # the other numbers ldm (or the handler) checks: its rule and message too (ui.ranges)
+    ({"steps": 10_000}, "steps must be a whole number from 1 to 1000, got 10000"), ({"steps": 2.5}, "whole number"),
+    ({"batch_size": 1000}, "batch_size must be a whole number from 1 to 16"),
+    ({"batch_count": 1000}, "batch_count must be from 1 to 100, got 1000"),
+    ({"seed": -5}, "less than minimum"), ({"seed": 2**40}, "seed must be"),
+    ({"clip_skip": 0}, "clip_skip must be a whole number from 1 to"),
+    ({"guidance_scale": -1}, "guidance_scale (CFG scale) must be a number from 0 to 100, got -1"),
+    ({"guidance_scale": 101}, "guidance_scale (CFG scale) must be a number from 0 to 100, got 101"),
+    ({"hires_scale": 100}, f"the largest side allowed is {MAX_SIZE}"),
+    ({"hires_scale": 0.5}, "hires scale must be 1 or more (1 = no enlargement), got 0.5"),
+    ({"hires_scale": 2, "hires_strength": 0}, "strength (denoising strength) must be in (0, 1], got 0"),
+    ({"hires_scale": 2, "hires_steps": -3}, "hires_steps must be 0 (as many as the first pass) or from 1 to 1000"),
     ({"sampler": EVIL}, "unknown sampler"), ({"schedule": EVIL}, "schedule"),
 ]
 
@@ -109,12 +117,26 @@ def test_out_of_range_txt2img_is_a_message_before_model_work(client, model_calls
     ok(client)  # the server keeps serving
 
 
-@pytest.mark.parametrize("bad, expected", [({"strength": 1.5}, "greater than maximum"),
-                                           ({"strength": 0}, "less than minimum"),
+@pytest.mark.parametrize("bad, expected", [({"strength": 1.5}, "must be in (0, 1], got 1.5"),
+                                           ({"strength": 0}, "must be in (0, 1], got 0"),
                                            ({"width": 36}, "multiple of 8")])
 def test_out_of_range_img2img(client, picture, model_calls, bad, expected):
     message = refused(client, "/img2img", image=handle_file(str(picture)), prompt="x", steps=4, **bad)
     assert expected in message and model_calls == {"text": 0, "unet": 0}
+
+
+@pytest.mark.parametrize("api, bad, expected", [
+    ("/upscale", {"method": "lanczos", "scale": 9}, "scale must be in (0, 8], got 9.0"),
+    ("/upscale", {"method": "hires fix", "scale": 0.5}, "hires scale must be 1 or more"),
+    ("/upscale", {"method": "hires fix", "scale": 2, "strength": 1.5}, "must be in (0, 1], got 1.5"),
+    ("/img2img", {"guidance_scale": 250}, "must be a number from 0 to 100, got 250"),
+    ("/txt2img", {"refiner": "any", "refiner_switch_at": 1}, "refiner_switch_at must be a fraction of the steps "
+                                                              "between 0 and 1 (e.g. 0.8), got 1.0"),
+])
+def test_typed_values_beyond_a_slider_get_the_rule_that_checks_them(client, picture, model_calls, api, bad, expected):
+    image = {} if api == "/txt2img" else {"image": handle_file(str(picture))}
+    message = refused(client, api, prompt="x", steps=2, **image, **bad)
+    assert expected in message and model_calls == {"text": 0, "unet": 0}, message
 
 
 def call_raw(web, api: str, body: str, headers: dict | None = None) -> tuple[str, str]:

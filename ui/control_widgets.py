@@ -11,10 +11,13 @@ from typing import Any
 import gradio as gr
 
 import ldm
+from ldm.params import CONTROL_STEPS, CONTROL_WEIGHT
 
 from . import choices, control
 from .controlnets import titles
 from .errors import failed_text, mark, readable
+from .gradio_compat import library_range
+from .ranges import slider
 from .state import Context
 
 SLOTS = ("setting_a", "setting_b")  # a preprocessor has at most two settings (A1111's threshold_a/b)
@@ -75,13 +78,13 @@ def _unit(ctx: Context, name: str, i: int, models: list[str], note: str, size: t
         model = gr.Dropdown(models, value=models[0] if models else None, label="Model", allow_custom_value=True,
                             elem_id=f"{eid}-model")
         show = gr.Button("💥 Preview map", scale=0, min_width=120, elem_id=f"{eid}-preview")
-    with gr.Row():  # hidden until a preprocessor with settings is chosen; -1 = its default
-        sliders = [gr.Slider(-1, 255, value=-1, step=1, label=slot, visible=False, elem_id=f"{eid}-{slot}")
-                   for slot in SLOTS]
+    with gr.Row():  # hidden until a preprocessor with settings is chosen (its range: slot_updates); -1 = its default
+        sliders = [library_range(gr.Slider(-1, 255, value=-1, step=1, label=slot, visible=False, elem_id=f"{eid}-{slot}"))
+                   for slot in SLOTS]  # ldm checks each setting's range (ldm.control_preprocess)
     with gr.Row():
-        weight = gr.Slider(0, 2, value=d.weight, step=0.05, label="Control weight", elem_id=f"{eid}-weight")
-        start = gr.Slider(0, 1, value=d.start, step=0.01, label="Starting control step", elem_id=f"{eid}-start")
-        end = gr.Slider(0, 1, value=d.end, step=0.01, label="Ending control step", elem_id=f"{eid}-end")
+        weight = slider(CONTROL_WEIGHT, value=d.weight, step=0.05, label="Control weight", elem_id=f"{eid}-weight")
+        start = slider(CONTROL_STEPS, value=d.start, step=0.01, label="Starting control step", elem_id=f"{eid}-start")
+        end = slider(CONTROL_STEPS, value=d.end, step=0.01, label="Ending control step", elem_id=f"{eid}-end")
     control_mode = gr.Radio(choices.CONTROL_MODES, value=d.control_mode, label="Control mode",
                             elem_id=f"{eid}-control-mode")
     resize = gr.Radio(choices.CONTROL_RESIZE, value=d.resize, label="Resize mode", elem_id=f"{eid}-resize")

@@ -13,9 +13,9 @@ Patches (replace a method on one Gradio component instance):
   caller as `{"error": null}`. All become a message naming the field: plain text without a toast
   for API clients, escaped in a toast for image uploads (`_input_error`).
 * `library_range(slider)` replaces a Slider's `preprocess` by one without Gradio's range check, for
-  values whose range the library checks (width/height: `ldm` refuses 7 as "not a multiple of 8",
-  as it refuses 100). Gradio's check would refuse 7 on a slider starting at 8 before our handler runs,
-  with no word in the page. The page's side: Gradio 6.31's Slider sets a typed value to its range
+  values whose range the library checks (every slider `ui.ranges` makes: sizes, steps, CFG, batch, strength,
+  ...; `ldm` refuses width 7 as "not a multiple of 8", as it refuses 100). Gradio's check would refuse 7
+  on a slider starting at 8 before our handler runs, with no word in the page. The page's side: Gradio 6.31's Slider sets a typed value to its range
   when the number box loses focus (clicking Generate does that), silently; `ui.page`'s script stops
   that blur from reaching the box of sliders with the `ldm-library-range` class (`LIBRARY_RANGE`).
 * `check_image_headers(component)` replaces the `preprocess` of every `gr.Image`, `gr.ImageEditor`

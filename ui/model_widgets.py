@@ -13,8 +13,11 @@ from typing import Any
 
 import gradio as gr
 
+from ldm.params import REFINER_SWITCH
+
 from . import models, networks
 from .errors import readable
+from .ranges import slider
 from .state import Context
 
 
@@ -79,8 +82,8 @@ def refiner_accordion(ctx: Context, name: str) -> dict[str, Any]:
             refiner = gr.Dropdown(ctx.models.refiner_choices(), value=models.NO_REFINER, allow_custom_value=True,
                                   label="Checkpoint (an SDXL refiner or base)", scale=4, elem_id=f"{name}-refiner-checkpoint")
             refresh = gr.Button("🔄", scale=0, min_width=40, elem_id=f"{name}-refiner-refresh")
-        switch_at = gr.Slider(0.01, 0.99, value=0.8, step=0.01, label="Switch at (fraction of the steps)",
-                              elem_id=f"{name}-refiner-switch-at")
+        switch_at = slider(REFINER_SWITCH, value=0.8, step=0.01, label="Switch at (fraction of the steps)",
+                           elem_id=f"{name}-refiner-switch-at")
     refresh.click(readable(lambda: gr.Dropdown(choices=ctx.models.refiner_choices())), None, refiner, queue=False,
                   api_visibility="private")
     return {"refiner": refiner, "refiner_switch_at": switch_at}

@@ -4,7 +4,7 @@
   button while that tab is running (its status line says "Running" or "Step").
 * Tooltips (and accessible names) on the unlabelled 🎲 / ♻️ seed buttons and the models bar's 🔄.
 * A generation click says "Queued" in the status line at once (`QUEUED_JS`).
-* Sliders whose range the library checks (`gradio_compat.library_range`: width/height) keep a typed
+* Sliders whose range the library checks (`gradio_compat.library_range`, `ui.ranges`) keep a typed
   value out of their range when their number box loses focus, where Gradio's Slider would set it to
   the range without a word: the value reaches `ldm`, which refuses it with its message.
 * Gallery pictures are shown whole (`object-fit: contain`), not cropped to square tiles; a gallery's

@@ -8,6 +8,7 @@ preview) while the model runs in a worker thread, then one `Output`. `streaming.
 """
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,7 +18,7 @@ from PIL import Image
 import ldm
 from ldm import metadata, samplers
 from ldm.extensions.refiner import check_base
-from ldm.params import MAX_SEED
+from ldm.params import MAX_SEED, Range
 
 from . import choices, control
 from .backend import Call
@@ -27,6 +28,8 @@ from .state import Context
 from .streaming import Output, Step, StepCallback, previewer, stream_call
 
 MAX_BATCH_COUNT = 100
+BATCH_COUNT = Range(1, MAX_BATCH_COUNT)  # batches run one after another by `generate`
+RESIZE_SCALE = Range(0, 8, open_low=True)  # the Upscale tab's plain resizes
 MAX_INFOTEXT_CHARS = 64 * 1024  # at most this much of a user's `parameters` chunk is shown or copied
 
 
@@ -65,8 +68,8 @@ def generate(ctx: Context, task: str, call: Callable[[int, StepCallback], Any], 
     logged-in user (with per-user outputs their folder gets the images, ui.saving)."""
     batch_size = as_int("batch_size", batch_size)
     batch_count = as_int("batch_count", batch_count)
-    if not 1 <= batch_count <= MAX_BATCH_COUNT:
-        raise ValueError(f"batch_count must be from 1 to {MAX_BATCH_COUNT}, got {batch_count}")
+    if batch_count not in BATCH_COUNT:
+        raise ValueError(f"batch_count must be from {BATCH_COUNT.text()}, got {batch_count}")
     seed0 = first_seed(seed, batch_size * batch_count)
     out = Output([], [], [])
     cancel = ctx.jobs.start(session)
@@ -132,9 +135,13 @@ def txt2img(ctx: Context, prompt: str = "", negative_prompt: str = "", sampler: 
                     batch_size=as_int("batch_size", batch_size), negative_prompt=negative_prompt)
     if fast:  # ldm's opt-in fast preset (deep-feature reuse + guidance truncation)
         settings["fast"] = True
-    if hires_scale and float(hires_scale) > 1:
+    if float(hires_scale) != 1:  # 1 = off; ldm refuses less than 1 (a typed 0.5 is not "off" in silence)
+        second = as_int("hires_steps", hires_steps)
+        if second and second not in pipe.limits.range("steps"):  # ldm's rule, said of the hires steps
+            raise ValueError(f"hires_steps must be 0 (as many as the first pass) or from "
+                             f"{pipe.limits.range('steps').text()}, got {second}")
         settings.update(hires_scale=float(hires_scale), hires_strength=float(hires_strength),
-                        hires_upscaler=hires_upscaler, hires_steps=as_int("hires_steps", hires_steps) or None)
+                        hires_upscaler=hires_upscaler, hires_steps=second or None)
     if refiner and refiner != NO_REFINER:  # an SDXL checkpoint runs the last steps; what ldm refuses, before it loads
         check_base(pipe, float(refiner_switch_at), hires="hires_scale" in settings,
                    control=any(u.enabled for u in control.unit_values(controlnet)))
@@ -261,8 +268,8 @@ def upscale(ctx: Context, image: Any = None, method: str = "lanczos", scale: flo
 def _resize(ctx: Context, picture: Image.Image, source: Any, method: str, scale: float,
             user: str | None) -> Iterator[Output]:
     scale = float(scale)
-    if not 0 < scale <= 8:
-        raise ValueError(f"scale must be in (0, 8], got {scale}")
+    if not math.isfinite(scale) or scale not in RESIZE_SCALE:
+        raise ValueError(f"scale must be in {RESIZE_SCALE.text()}, got {scale}")
     image = ldm.upscale_image(picture, scale, method, max_size=ctx.pipes.base.options.max_upscale_size)
     # As A1111: the original's parameters (Size now the new size) and what was done, as `postprocessing`.
     info = metadata.with_size(_infotext_of(ctx, source) or "", *image.size)

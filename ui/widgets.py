@@ -1,9 +1,10 @@
 """The widgets of each tab: the input fields (named as the handlers' parameters) and the results panel.
 
-Ranges that depend on the loaded model are read from it: width/height from `pipe.limits.max_size`
-on `pipe.limits.size_step`, batch size from `max_batch`, steps from `max_steps`, clip skip from
-`max_clip_skip` (the text encoder's depth), the x4 upscaler's noise level from its
-`max_noise_level`. Choices come from `ui.choices` (which reads ldm's tables).
+Number ranges are the ones ldm checks (`ui.ranges`: typed values outside them reach ldm, which refuses
+them with its message): those of the loaded model from `pipe.limits.range` (width/height from the size
+step to `max_size` on every tab, batch size, steps, clip skip up to the text encoder's depth), the x4
+upscaler's noise level from its `max_noise_level`, the fixed ones from `ldm.params` (CFG scale, denoising
+strength, hires scale). Choices come from `ui.choices` (which reads ldm's tables).
 """
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ from typing import Any
 import gradio as gr
 
 from ldm import samplers
+from ldm.params import GUIDANCE, HIRES_SCALE, STRENGTH, Range
 
 from . import brush, choices
 from .control_widgets import control_accordion
 from .model_widgets import refiner_accordion
 from .errors import readable
-from .gradio_compat import library_range
+from .ranges import CFG_DRAG_TOP, HIRES_SCALE_DRAG_TOP, STEPS_DRAG_TOP, slider
 from .state import Context
 from .streaming import Output, Step, done_text, progress_text
-from .tasks import MAX_BATCH_COUNT
+from .tasks import BATCH_COUNT, RESIZE_SCALE
 
 NOISE_LEVEL = 20  # the Upscale tab's default noise level for the x4 model (diffusers' default)
 
@@ -88,11 +90,10 @@ def sampler_fields(pipe, name: str, defaults: dict | None = None) -> dict[str, g
                            label="Schedule type", allow_custom_value=True)
     sampler.change(readable(_schedule_update), [sampler, schedule], schedule, queue=False, api_visibility="private")
     with gr.Row():
-        # Minimum below ldm's 1 step: the page clamps to a slider's minimum without a word, so 0 goes
-        # through and ldm refuses it with its message (sizes: library_range).
-        steps = gr.Slider(0, min(150, pipe.limits.max_steps), value=d["steps"], step=1, label="Sampling steps",
-                          elem_id=f"{name}-steps")
-        cfg = gr.Slider(0, 30, value=d["guidance_scale"], step=0.5, label="CFG scale")
+        steps = slider(pipe.limits.range("steps"), drag_top=STEPS_DRAG_TOP, value=d["steps"], step=1,
+                       label="Sampling steps", elem_id=f"{name}-steps")
+        cfg = slider(GUIDANCE, drag_top=CFG_DRAG_TOP, value=d["guidance_scale"], step=0.5, label="CFG scale",
+                     elem_id=f"{name}-cfg")
     return {"sampler": sampler, "schedule": schedule, "steps": steps, "guidance_scale": cfg}
 
 
@@ -102,16 +103,15 @@ def _schedule_update(sampler: str, schedule: str):
 
 
 def size_fields(pipe, name: str, from_image: bool) -> dict[str, gr.Slider]:
-    """Width/height on the model's size step, from one step (txt2img, at the native size) or from 0,
-    "the input image's size", where there is one. ldm checks the range (library_range): a typed 7 is
-    refused with its message, as 100 is, not set to the slider's range."""
-    step, top = pipe.limits.size_step, pipe.limits.max_size
-    low, value = (0, 0) if from_image else (step, pipe.default_size)
+    """Width/height over ldm's sizes (`limits.range`: from the size step to max_size) on every tab, at the
+    native size; where there is an input image they start at 0, "the input image's size", a value typed or
+    sent rather than dragged. ldm checks the range: a typed 7 is refused with its message, as 100 is."""
+    step, value = pipe.limits.size_step, 0 if from_image else pipe.default_size
     note = " (0 = image's)" if from_image else ""
     with gr.Row():
-        width = library_range(gr.Slider(low, top, value=value, step=step, label="Width" + note, elem_id=f"{name}-width"))
-        height = library_range(gr.Slider(low, top, value=value, step=step, label="Height" + note,
-                                         elem_id=f"{name}-height"))
+        width = slider(pipe.limits.range("width"), value=value, step=step, label="Width" + note, elem_id=f"{name}-width")
+        height = slider(pipe.limits.range("height"), value=value, step=step, label="Height" + note,
+                        elem_id=f"{name}-height")
     return {"width": width, "height": height}
 
 
@@ -121,9 +121,9 @@ def seed_fields(pipe, name: str) -> dict[str, gr.components.Component]:
         dice = gr.Button("🎲", scale=0, min_width=40, elem_id=f"{name}-random-seed")  # tooltips: ui.page
         reuse = gr.Button("♻️", scale=0, min_width=40, elem_id=f"{name}-reuse-seed")
     with gr.Row():
-        batch_size = gr.Slider(1, pipe.limits.max_batch, value=1, step=1, label="Batch size",
-                               elem_id=f"{name}-batch-size")
-        batch_count = gr.Slider(1, MAX_BATCH_COUNT, value=1, step=1, label="Batch count", elem_id=f"{name}-batch-count")
+        batch_size = slider(pipe.limits.range("batch_size"), value=1, step=1, label="Batch size",
+                            elem_id=f"{name}-batch-size")
+        batch_count = slider(BATCH_COUNT, value=1, step=1, label="Batch count", elem_id=f"{name}-batch-count")
     dice.click(readable(lambda: -1), None, seed, queue=False, api_visibility="private")
     return {"seed": seed, "batch_size": batch_size, "batch_count": batch_count, "_reuse": reuse}
 
@@ -141,7 +141,11 @@ def image_field(name: str) -> gr.Image:
 
 
 def clip_skip_field(pipe, name: str) -> gr.Slider:
-    return gr.Slider(1, pipe.limits.max_clip_skip, value=1, step=1, label="Clip skip", elem_id=f"{name}-clip-skip")
+    return slider(pipe.limits.range("clip_skip"), value=1, step=1, label="Clip skip", elem_id=f"{name}-clip-skip")
+
+
+def strength_field(value: float, label: str = "Denoising strength", elem_id: str | None = None) -> gr.Slider:
+    return slider(STRENGTH, value=value, step=0.01, label=label, elem_id=elem_id)
 
 
 def prompt_fields(name: str, placeholder: str = "a red circle on a blue background") -> dict[str, gr.Textbox]:
@@ -178,15 +182,15 @@ def txt2img_tab(ctx: Context) -> Tab:
             f |= generation_fields(pipe, "txt2img", from_image=False)
             f["fast"] = gr.Checkbox(value=False, label="Fast preset (about 1.5-2x faster, slightly different images)")
             with gr.Accordion("Hires fix", open=False):
-                f["hires_scale"] = gr.Slider(1, 4, value=1, step=0.05, label="Upscale by (1 = off)",
-                                             elem_id="txt2img-hires-scale")
-                f["hires_strength"] = gr.Slider(0.05, 1, value=0.5, step=0.01, label="Denoising strength",
-                                                elem_id="txt2img-hires-strength")
+                f["hires_scale"] = slider(HIRES_SCALE, drag_top=HIRES_SCALE_DRAG_TOP, value=1, step=0.05,
+                                          label="Upscale by (1 = off)", elem_id="txt2img-hires-scale")
+                f["hires_strength"] = strength_field(0.5, elem_id="txt2img-hires-strength")
                 with gr.Row():
                     f["hires_upscaler"] = gr.Radio(choices.HIRES_UPSCALERS, value="latent", label="Upscaler",
                                                    elem_id="txt2img-hires-upscaler")
-                    f["hires_steps"] = gr.Slider(0, min(150, pipe.limits.max_steps), value=0, step=1,
-                                                 label="Hires steps (0 = as the first pass)", elem_id="txt2img-hires-steps")
+                    steps = pipe.limits.range("steps")  # and 0: as many as the first pass
+                    f["hires_steps"] = slider(Range(0, steps.high), drag_top=STEPS_DRAG_TOP, value=0, step=1,
+                                              label="Hires steps (0 = as the first pass)", elem_id="txt2img-hires-steps")
             f |= refiner_accordion(ctx, "txt2img")
             f |= control_accordion(ctx, "txt2img", (f["width"], f["height"]), uses_tab_image=False)
         with gr.Column(scale=1, elem_classes=["ldm-results"]):
@@ -201,7 +205,7 @@ def img2img_tab(ctx: Context) -> Tab:
             f = {"image": image_field("img2img")}
             f |= prompt_fields("img2img")
             go, stop = action_buttons("img2img")
-            f["strength"] = gr.Slider(0.01, 1, value=0.75, step=0.01, label="Denoising strength")
+            f["strength"] = strength_field(0.75, elem_id="img2img-strength")
             f |= generation_fields(pipe, "img2img", from_image=True)
             f |= control_accordion(ctx, "img2img", (f["width"], f["height"]), uses_tab_image=True)
         with gr.Column(scale=1, elem_classes=["ldm-results"]):
@@ -229,7 +233,7 @@ def inpaint_tab(ctx: Context) -> Tab:
             f["mask"] = gr.Image(type="filepath", image_mode=None, format="png", visible=False)
             f |= prompt_fields("inpaint")
             go, stop = action_buttons("inpaint", "Inpaint")
-            f["strength"] = gr.Slider(0.01, 1, value=0.75, step=0.01, label="Denoising strength")
+            f["strength"] = strength_field(0.75, elem_id="inpaint-strength")
             with gr.Row():
                 f["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="inpaint-mask-blur")
                 f["invert_mask"] = gr.Checkbox(value=False, label="Invert mask")
@@ -260,8 +264,9 @@ def upscale_tab(ctx: Context) -> Tab:
             f = {"image": image_field("upscale")}
             default = choices.UPSCALE_X4 if x4 else "lanczos"
             f["method"] = gr.Radio(methods, value=default, label="Method", elem_id="upscale-method")
-            f["scale"] = gr.Slider(1, 8, value=2, step=0.25, label="Scale (the x4 model is always 4)" if x4 else "Scale",
-                                   elem_id="upscale-scale")
+            # Dragged: what every method takes; typed: the plain resizes also take less than 1 (RESIZE_SCALE).
+            f["scale"] = slider(Range(HIRES_SCALE.low, RESIZE_SCALE.high), value=2, step=0.25,
+                                label="Scale (the x4 model is always 4)" if x4 else "Scale", elem_id="upscale-scale")
             go, stop = action_buttons("upscale", "Upscale")
             if not x4:
                 gr.Markdown(choices.NO_X4_MODEL, elem_id="upscale-no-x4")
@@ -272,8 +277,8 @@ def upscale_tab(ctx: Context) -> Tab:
                     f["tile_overlap"] = gr.Slider(0, 256, value=32, step=8, label="Tile overlap")
                 with gr.Row():
                     f["noise_level"] = noise_level_field(ctx.pipes.upscale)
-                    f["strength"] = gr.Slider(0.01, 1, value=0.5, step=0.01,
-                                              label="Denoising strength (hires fix)" if x4 else "Denoising strength")
+                    f["strength"] = strength_field(0.5, "Denoising strength (hires fix)" if x4 else "Denoising strength",
+                                                   elem_id="upscale-strength")
                 f["upscaler"] = gr.Radio(choices.HIRES_UPSCALERS, value="lanczos", label="Hires fix upscaler")
                 f |= sampler_fields(pipe, "upscale")
                 f["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1)
@@ -286,8 +291,8 @@ def noise_level_field(x4_pipe) -> gr.Slider:
     """Up to the x4 model's max_noise_level; without an x4 model the field is hidden (it is only
     read by the "x4 model" method) and stays at the default."""
     top = x4_pipe.max_noise_level if x4_pipe is not None else NOISE_LEVEL
-    return gr.Slider(0, top, value=min(NOISE_LEVEL, top), step=1, label="Noise level (x4 model)",
-                     visible=x4_pipe is not None)
+    return slider(Range(0, top), value=min(NOISE_LEVEL, top), step=1, label="Noise level (x4 model)",
+                  visible=x4_pipe is not None, elem_id="upscale-noise-level")
 
 
 def png_info_tab(ctx: Context) -> Tab:

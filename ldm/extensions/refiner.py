@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 
 from ..denoise import Extension, StepInfo, step_embeds
+from ..params import REFINER_SWITCH
 from ..prompt_tags import extract_loras
 
 
@@ -25,8 +26,9 @@ def check_base(model, switch_at, *, hires: bool = False, control: bool = False) 
     what the refiner does not combine with yet (the hires fix, ControlNet)."""
     if hires or control:
         raise ValueError("the refiner with the hires fix or ControlNet is not supported yet")
-    if not isinstance(switch_at, (int, float)) or isinstance(switch_at, bool) or not 0 < switch_at < 1:
-        raise ValueError(f"refiner_switch_at must be a fraction of the steps between 0 and 1 (e.g. 0.8), got {switch_at!r}")
+    if not isinstance(switch_at, (int, float)) or isinstance(switch_at, bool) or switch_at not in REFINER_SWITCH:
+        raise ValueError(f"refiner_switch_at must be a fraction of the steps between {REFINER_SWITCH.low:g} and "
+                         f"{REFINER_SWITCH.high:g} (e.g. 0.8), got {switch_at!r}")
     _require_sdxl("the model", model)
 
 

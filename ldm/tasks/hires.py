@@ -19,7 +19,7 @@ from ..conditioning import schedule_steps
 from ..denoise import Extension, StepCallback
 from ..engine import Model, Result, Start, params_for, require, run, strength_slice
 from ..latents import encode, seeded_noise
-from ..params import GenerationParams
+from ..params import HIRES_SCALE, GenerationParams
 from ..resize import check_output, check_scale
 
 HIRES_UPSCALERS = {"latent": "Latent", "lanczos": "Lanczos"}  # our name -> A1111's infotext name
@@ -99,8 +99,8 @@ def plan(model: Model, first: GenerationParams, *, scale: float, upscaler: str =
     """The second pass over a first pass made with `first`, validated before any model work."""
     overrides = overrides or {}
     check_scale("hires scale", scale)
-    if scale < 1:
-        raise ValueError(f"hires scale must be 1 or more (1 = no enlargement), got {scale:g}")
+    if scale not in HIRES_SCALE:
+        raise ValueError(f"hires scale must be {HIRES_SCALE.low:g} or more (1 = no enlargement), got {scale:g}")
     key = upscaler.lower() if isinstance(upscaler, str) else upscaler
     if key not in HIRES_UPSCALERS:
         raise ValueError(f"unknown hires upscaler {upscaler!r}; choose one of: {', '.join(HIRES_UPSCALERS)}")
