@@ -77,3 +77,35 @@ def test_app_uses_the_demo_upscaler_by_default_with_the_demo_model():
     args = app.parse_args(["--backend", "ray", "--replicas", "2"])
     app.demo_companions(args)
     assert args.upscale_model is None  # each model is its own deployment there: only what is asked for
+
+
+def test_inpaint_training_loss_weights_the_known_area():
+    """ldm_tools.train.inpaint.masked_loss: the plain min-SNR loss at weight 1; errors outside the mask count
+    known_weight times, and with known_x0_cap at least min(1 / SNR, cap) at any noise level."""
+    import json
+
+    import torch
+
+    from ldm_tools.train.finetune import Noise
+    from ldm_tools.train.inpaint import masked_loss
+
+    noise = Noise(json.loads((DEMO / "scheduler" / "scheduler_config.json").read_text()))
+    gen = torch.Generator().manual_seed(0)
+    eps = torch.randn(2, 4, 8, 8, generator=gen)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., :4] = 1  # left half repainted
+    pred = eps + torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.tensor([10, 999])
+    assert torch.allclose(masked_loss(noise, pred, eps, t, mask, 1.0), noise.loss(pred, eps, t))
+    off_known = eps.clone()
+    off_known[..., 4:] += 1.0  # an error only outside the mask
+    one = masked_loss(noise, off_known, eps, t, mask, 1.0)
+    assert torch.allclose(masked_loss(noise, off_known, eps, t, mask, 3.0), 3 * one)
+    off_mask = eps.clone()
+    off_mask[..., :4] += 1.0  # the same error inside: unchanged by either weight
+    assert torch.allclose(masked_loss(noise, off_mask, eps, t, mask, 3.0, 20.0), one)
+    # at t=999 (SNR ~0.005) the known error weighs the cap, 20x; at t=10 (SNR > 5) the min-SNR weight stays
+    high = masked_loss(noise, off_known, eps, torch.tensor([999, 999]), mask, 1.0, 20.0)
+    assert torch.allclose(high, 20 * masked_loss(noise, off_known, eps, torch.tensor([999, 999]), mask, 1.0))
+    low = torch.tensor([10, 10])
+    assert torch.allclose(masked_loss(noise, off_known, eps, low, mask, 1.0, 20.0), masked_loss(noise, off_known, eps, low, mask, 1.0))

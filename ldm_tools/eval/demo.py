@@ -413,9 +413,10 @@ generating {r['seeds']} at a time. Evaluation took {r['eval_minutes']:.1f} min.
 
 Known weaknesses: the remaining shape errors are mostly squares drawn with rounded corners or
 slightly distorted (read as circles/triangles); images often carry a small multicoloured blob next to
-the object, an artefact of the tiny VAE. Inpainting uses this base model (no 9-channel inpainting
-variant), so the repainted object is often small or blotchy inside the box; pixels outside the mask
-are pasted back exactly.
+the object, an artefact of the tiny VAE. The inpainting row is this regular (4-channel) model, which
+inpaints by blending the original's latents back outside the mask after every step: the repainted
+object is often small or blotchy inside the box; pixels outside the mask are pasted back exactly.
+Its 9-channel inpainting variant, `weights/demo-inpaint`, and its figures: `docs/demo-addons.md`.
 
 Add-ons made for this model (the LoRA `outline`, a ControlNet trainer), their recipes and figures, and the
 stray-blob ("speck") measurement: `docs/demo-addons.md`.

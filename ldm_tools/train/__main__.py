@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     vd.add_argument("--export-only", action="store_true", help="write --out from the checkpoint in --work-dir and exit")
     ip = sub.add_parser("inpaint", help="train the demo 9-channel inpainting model from the demo U-Net")
     ip.add_argument("--out", default="weights/demo-inpaint")
-    ip.add_argument("--work-dir", default="runs/inpaint")
+    ip.add_argument("--work-dir", default="runs/inpaint-v2")
     ip.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work-dir")
     ip.add_argument("--steps", type=int, default=InpaintConfig.steps)
     ip.add_argument("--minutes", type=float, default=0.0, help="also stop after this many minutes in all (0 = no limit)")

@@ -149,10 +149,12 @@ def cached(path: Path, make: Callable[[], dict]) -> dict:
 
 
 def train_steps(work: Path, name: str, steps: int, minutes: float, modules: dict, opt, gen: torch.Generator,
-                step_fn: Callable[[int], torch.Tensor], ckpt_every: int = 100, log_every: int = 25) -> dict:
+                step_fn: Callable[[int], torch.Tensor], ckpt_every: int = 100, log_every: int = 25,
+                after_step: Callable[[int], None] | None = None) -> dict:
     """Run `step_fn(step) -> loss` (forward + backward; this does the optimiser step) until `steps`, or
     `minutes` of training time (0 = no limit), checkpointing `modules`' state, the optimiser and the
-    generator every `ckpt_every` steps to `work/<name>_ckpt.pt`; resumes from there. Returns
+    generator every `ckpt_every` steps to `work/<name>_ckpt.pt`; resumes from there. `after_step(step)`
+    runs after each optimiser step (e.g. an EMA update; an EMA module belongs in `modules`). Returns
     {"steps", "minutes"}."""
     path = work / f"{name}_ckpt.pt"
     step, elapsed = 0, 0.0
@@ -180,6 +182,8 @@ def train_steps(work: Path, name: str, steps: int, minutes: float, modules: dict
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
+        if after_step is not None:
+            after_step(step)
         run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
         if step % log_every == 0:
             log(work, f"{name} step {step}/{steps} loss {run_loss:.4f} ({(time.time() - t0) / 60:.1f} min, "

@@ -2,7 +2,8 @@
 masked image), fine-tuned as runwayml's SD-inpainting was made from SD 1.2: the 5 new input channels of
 `conv_in` start at zero (so step 0 is exactly the demo model), random masks, a share fully masked.
 
-    python -m ldm_tools.train inpaint [--out weights/demo-inpaint] [--steps N] [--minutes M] [--resume]
+    python -m ldm_tools.train inpaint [--out weights/demo-inpaint] [--work-dir runs/inpaint-v2] [--steps N]
+                                      [--minutes M] [--resume] [--export-only]
 
 The shipped folder holds only the new U-Net, the scheduler and a model_index; vae/, text_encoder/ and
 tokenizer/ are relative symlinks into weights/demo (frozen here, so shared unchanged).
@@ -11,6 +12,17 @@ Masks (per sample): the object's bounding box with a random margin (what a user 
 object, and what `python -m ldm_tools.eval inpaint` asks), a larger box around the object, a random
 rectangle, a few random ellipses (brush strokes), or the whole image. The masked image is the render with
 the mask painted 0 in [-1, 1] and its latents are the VAE mean, as `ldm.tasks.inpaint` builds them.
+
+Recipe v2 (why it differs from the first run, 734 steps in runs/inpaint): that run fine-tuned every weight at
+a constant 3e-4 with no EMA and a plain mean loss, and came out worse than the demo U-Net at predicting the
+clean latents even in the unmasked area it is given (mean squared x0 error at t=500: 0.0151 vs the demo
+U-Net's 0.0125): it had not learnt to copy the known area, so it redrew the background, which the blurred
+paste-back then showed around the mask. So now: the exported weights are an EMA (as the demo U-Net's are),
+the pretrained body trains at a lower rate than conv_in (whose new input channels start at zero), and the
+latent cells outside the mask weigh `known_weight` times more in the loss and, since their clean latents are
+an input, at least min(1 / SNR, `known_x0_cap`) (x0 terms) at high noise, where the plain loss barely sees
+them. On 200-step trials (batch 16) this recipe got 20 of the first 24 evaluation cases fully right, the same
+without the x0 term 16, the first run's step 734 17.
 """
 from __future__ import annotations
 
@@ -36,7 +48,11 @@ class InpaintConfig:
     steps: int = 1500
     minutes: float = 0.0
     batch: int = 32
-    lr: float = 3e-4
+    lr: float = 1e-4  # the pretrained body
+    lr_conv_in: float = 1e-3  # conv_in, whose 5 new input channels start at zero
+    known_weight: float = 3.0  # loss weight of latent cells outside the mask (inside: 1)
+    known_x0_cap: float = 20.0  # > 0: outside the mask, weight at least min(1 / SNR, cap) (see masked_loss)
+    ema_decay: float = 0.998
     full_mask: float = 0.15  # share of fully masked samples (SD-inpainting: 25%)
 
 
@@ -115,6 +131,20 @@ def export(unet, out: Path, model: str | Path, meta: dict, pipeline: str = "Stab
     (out / "training.json").write_text(json.dumps(meta, indent=2))
 
 
+def masked_loss(noise: F.Noise, pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, latent_mask: torch.Tensor,
+                known_weight: float, known_x0_cap: float = 0.0) -> torch.Tensor:
+    """The min-SNR noise loss, with latent cells outside the mask (latent_mask 0) weighted `known_weight` times
+    more. With `known_x0_cap` > 0 those cells' weight is at least min(1 / SNR, cap): their clean latents are
+    given, so an error there counts in x0 terms at every noise level, not only where the noise is small."""
+    a = noise.alphas[t].view(-1, 1, 1, 1)
+    base = noise.weight[t].view(-1, 1, 1, 1)
+    known = base
+    if known_x0_cap > 0:
+        known = torch.maximum(base, ((1 - a) / a).clamp(max=known_x0_cap))
+    w = latent_mask * base + (1 - latent_mask) * known_weight * known
+    return ((pred - eps).pow(2) * w).mean()
+
+
 def train_inpaint(out: str | Path, work_dir: str | Path, cfg: InpaintConfig, model: str = "weights/demo",
                   resume: bool = False, export_only: bool = False) -> dict:
     work, parts = F.start_work(work_dir, resume, cfg.seed, model)
@@ -123,7 +153,12 @@ def train_inpaint(out: str | Path, work_dir: str | Path, cfg: InpaintConfig, mod
     lat, combo = data["latents"], torch.from_numpy(combo)
     unet = widen_conv_in(parts.unet)
     unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema = widen_conv_in(parts.unet).requires_grad_(False).eval()
+    conv_in = list(unet.conv_in.parameters())
+    body = [q for q in unet.parameters() if all(q is not c for c in conv_in)]
+    opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr}, {"params": conv_in, "lr": cfg.lr_conv_in}],
+                            weight_decay=0.0)
+    live, shadow = list(unet.parameters()), list(ema.parameters())
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     noise = F.Noise(parts.scheduler_config)
     caps = F.Captions(parts.tokenizer, W.train_combos())
@@ -141,14 +176,20 @@ def train_inpaint(out: str | Path, work_dir: str | Path, cfg: InpaintConfig, mod
         latent_mask = TF.interpolate(mask, size=(W.IMAGE_SIZE // f,) * 2)  # nearest, as the app
         xt, eps, t = noise.sample(lat[idx].float(), gen)
         pred = unet(torch.cat([xt, latent_mask, blanked_lat], dim=1), t, encoder_hidden_states=h).sample
-        return noise.loss(pred, eps, t)
+        return masked_loss(noise, pred, eps, t, latent_mask, cfg.known_weight, cfg.known_x0_cap)
+
+    def ema_update(n: int) -> None:  # the demo U-Net's EMA warm-up: short runs still average
+        d = min(cfg.ema_decay, (1 + n) / (10 + n))
+        with torch.no_grad():
+            torch._foreach_lerp_(shadow, [q.detach() for q in live], 1 - d)
 
     if export_only:  # a snapshot of a run in progress
         ck = torch.load(work / "inpaint_ckpt.pt", weights_only=False)
-        unet.load_state_dict(ck["unet"])
+        ema.load_state_dict(ck["ema"])
         res = {"steps": ck["step"], "minutes": round(ck["elapsed"] / 60, 1)}
     else:
-        res = F.train_steps(work, "inpaint", cfg.steps, cfg.minutes, {"unet": unet}, opt, gen, step)
-    export(unet, Path(out), model, {"config": asdict(cfg), **res})
-    F.log(work, f"inpaint: wrote {out}")
+        res = F.train_steps(work, "inpaint", cfg.steps, cfg.minutes, {"unet": unet, "ema": ema}, opt, gen, step,
+                            after_step=ema_update)
+    export(ema, Path(out), model, {"config": asdict(cfg), **res})
+    F.log(work, f"inpaint: wrote {out} (EMA weights)")
     return res
