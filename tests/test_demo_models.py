@@ -66,7 +66,7 @@ def test_edge_width_reads_hard_and_soft_edges():
 def test_app_uses_the_demo_upscaler_by_default_with_the_demo_model():
     args = app.parse_args([])
     app.demo_companions(args)
-    # the inpainting model stays opt-in until it beats the regular model (docs/demo-addons.md)
+    # the inpainting model stays opt-in until it meets the 90% target (docs/demo-addons.md)
     assert (args.inpaint_model, args.upscale_model) == (None, str(app.DEMO_UPSCALER))
     args = app.parse_args(["--inpaint-model", "", "--upscale-model", "other/x4"])
     app.demo_companions(args)
