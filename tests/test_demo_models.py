@@ -29,8 +29,7 @@ def test_shipped_folders_link_the_demo_parts_they_share(folder):
 def test_demo_inpaint_model_recolours_the_object_and_keeps_the_rest():
     pipe = ldm.load(str(INPAINT), device="cpu", dtype="float32")
     assert pipe.unet.config.in_channels == 9
-    # cases 1, 2 and 6 of `python -m ldm_tools.eval inpaint`, same seeds (the regular demo model misses 6's colour;
-    # the shipped model fails 2 of the first 12: docs/demo-addons.md)
+    # cases 1, 2 and 6 of `python -m ldm_tools.eval inpaint`, same seeds (the regular demo model misses 6's colour)
     cases = inpaint_cases(7)
     for i in (1, 2, 6):
         img, mask_img, prompt, target, mask, orig = cases[i]
@@ -63,11 +62,10 @@ def test_edge_width_reads_hard_and_soft_edges():
     assert 1.5 < U.edge_width(soft, scene) < 6 and U.shape_iou(soft, scene) > 0.9
 
 
-def test_app_uses_the_demo_upscaler_by_default_with_the_demo_model():
+def test_app_uses_the_demo_upscaler_and_inpainting_model_by_default_with_the_demo_model():
     args = app.parse_args([])
     app.demo_companions(args)
-    # the inpainting model stays opt-in until it meets the 90% target (docs/demo-addons.md)
-    assert (args.inpaint_model, args.upscale_model) == (None, str(app.DEMO_UPSCALER))
+    assert (args.inpaint_model, args.upscale_model) == (str(app.DEMO_INPAINT), str(app.DEMO_UPSCALER))
     args = app.parse_args(["--inpaint-model", "", "--upscale-model", "other/x4"])
     app.demo_companions(args)
     assert (args.inpaint_model, args.upscale_model) == ("", "other/x4")  # "" = none; an explicit model wins
@@ -76,7 +74,7 @@ def test_app_uses_the_demo_upscaler_by_default_with_the_demo_model():
     assert (args.inpaint_model, args.upscale_model) == (None, None)  # made for the demo model only
     args = app.parse_args(["--backend", "ray", "--replicas", "2"])
     app.demo_companions(args)
-    assert args.upscale_model is None  # each model is its own deployment there: only what is asked for
+    assert args.upscale_model is None and args.inpaint_model is None  # each model is its own deployment there
 
 
 def test_inpaint_training_loss_weights_the_known_area():
