@@ -34,6 +34,7 @@ def main(argv=None) -> None:
     ip.add_argument("--base", default="weights/demo", help="the regular model to compare with ('' to skip)")
     ip.add_argument("--cases", type=int, default=48)
     ip.add_argument("--grid", default="docs/images/demo-inpaint.png", help="grid image ('' to skip)")
+    ip.add_argument("--seed", type=int, default=0, help="draws the cases (0: the reported set; others: fresh cases)")
     up = sub.add_parser("upscaler", help="the demo x4 upscaler against Lanczos and bicubic (PSNR, edge width)")
     up.add_argument("--model", default="weights/demo-upscaler")
     up.add_argument("--cases", type=int, default=50)
@@ -43,7 +44,7 @@ def main(argv=None) -> None:
     if a.cmd == "inpaint":
         from .inpaint import run as run_inpaint
 
-        run_inpaint(a.model, a.base, n=a.cases, grid=a.grid or None)
+        run_inpaint(a.model, a.base, n=a.cases, grid=a.grid or None, seed=a.seed)
         return
     if a.cmd == "upscaler":
         from .upscaler import run as run_upscaler
