@@ -14,8 +14,8 @@ mostly on the object's top and bottom edges, more on the right. The U-Net's late
 encoder's, trigger it more often.
 
 So the decoder learns those codes properly, against targets that hold no speck and keep every other pixel:
-(a) world renders through the frozen encoder (plus latent noise): the true render, with the pixels whose
-colour error exceeds `hard_margin` weighted up (a blob is a large error on few pixels);
+(a) world renders through the frozen encoder (plus latent noise): the true render, with the speck pixels
+of the current output (off the background-object segment, and their neighbours) weighted up;
 (b) latents the demo U-Net generated for training-combination prompts (seeds apart from the evaluation's):
 the starting decoder's own output (distillation: its colours and sharpness stay), except that pixels off the
 segment between the image's background and object colours (`world.classify` on that output), and their
