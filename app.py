@@ -193,26 +193,33 @@ def link_demo_addons(models_dir: str | os.PathLike) -> None:
             print(f"warning: could not link the demo add-on {item} into {models_dir} ({exc})", file=sys.stderr)
 
 
-def demo_companions(args: argparse.Namespace) -> None:
+def demo_companions(args: argparse.Namespace) -> tuple[str, ...]:
     """With the demo model, --upscale-model and --inpaint-model default to the x4 upscaler and the inpainting model
     made for it when they are there (an explicit value, "" for none, wins); other models get none unasked. (The
     inpainting model: 95.8% fully right of the 48 recolour cases of `python -m ldm_tools.eval inpaint`, the regular model 79.2%.)
     Not with --backend ray: there every model is a deployment of its own replicas, and an unasked one would
-    need CPUs the cluster may not have (Serve then waits for them forever)."""
+    need CPUs the cluster may not have (Serve then waits for them forever).
+    Returns the kinds it chose ("inpaint", "upscale"): they serve only while the demo model does (state.Pipes.paired)."""
     if Path(args.model).resolve() != DEFAULT_MODEL.resolve() or args.backend == "ray":
-        return
+        return ()
+    chosen = []
     if args.upscale_model is None and DEMO_UPSCALER.is_dir():
         args.upscale_model = str(DEMO_UPSCALER)
+        chosen.append("upscale")
     if args.inpaint_model is None and DEMO_INPAINT.is_dir():
         args.inpaint_model = str(DEMO_INPAINT)
+        chosen.append("inpaint")
+    return tuple(chosen)
 
 
 def load_pipelines(args: argparse.Namespace) -> state.Pipes:
     check_models_dir(args)
-    demo_companions(args)
+    paired = demo_companions(args)
     if Path(args.model) == DEFAULT_MODEL and not DEFAULT_MODEL.exists():
         raise SystemExit(f"error: the demo model {DEFAULT_MODEL} is not there yet; pass --model")
-    return state.Pipes(load_model(args.model, args), load_model(args.inpaint_model, args), load_model(args.upscale_model, args))
+    base = load_model(args.model, args)
+    return state.Pipes(base, load_model(args.inpaint_model, args), load_model(args.upscale_model, args),
+                       paired_with=str(base.name), paired=paired)
 
 
 def scale_out(args: argparse.Namespace) -> ScaleOut | None:

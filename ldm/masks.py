@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ldm.images import load_image, to_8bit
+from ldm.images import DEFAULT_MAX_PIXELS, load_image, to_8bit
 
 __all__ = [
     "InpaintArea",
@@ -322,13 +322,15 @@ def paste_back(
     return Image.composite(layer, original, mask)
 
 
-def pad_for_outpaint(image: Image.Image, left: int, right: int, top: int, bottom: int) -> tuple[Image.Image, Image.Image]:
+def pad_for_outpaint(image: Image.Image, left: int, right: int, top: int, bottom: int,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, Image.Image]:
     """Extend the canvas for outpainting.
 
     Returns (canvas, mask): the canvas is (w + left + right) x (h + top + bottom)
     with the new area filled by replicating the border pixels (a neutral start
     that continues the edge colours), and an "L" mask with 255 on the new area
-    and 0 over the original.
+    and 0 over the original. A canvas over `max_pixels` (the input-image limit,
+    ldm.images) is refused before it is allocated.
     """
     if not isinstance(image, Image.Image):
         raise ValueError(f"image must be a PIL image; got {type(image).__name__}")
@@ -340,6 +342,10 @@ def pad_for_outpaint(image: Image.Image, left: int, right: int, top: int, bottom
         raise ValueError("outpainting needs at least one side > 0 pixels (left, right, top or bottom)")
     if image.width == 0 or image.height == 0:
         raise ValueError(f"image is empty ({image.width}x{image.height} pixels)")
+    width, height = image.width + left + right, image.height + top + bottom
+    if width * height > max_pixels:
+        raise ValueError(f"outpainting {image.width}x{image.height} by left {left}, right {right}, top {top}, bottom "
+                         f"{bottom} makes a {width}x{height} canvas, over the limit of {max_pixels:,} pixels")
     if image.mode not in ("L", "RGB", "RGBA"):
         image = to_8bit(image).convert("RGB")
 

@@ -64,17 +64,30 @@ def test_edge_width_reads_hard_and_soft_edges():
 
 def test_app_uses_the_demo_upscaler_and_inpainting_model_by_default_with_the_demo_model():
     args = app.parse_args([])
-    app.demo_companions(args)
+    assert app.demo_companions(args) == ("upscale", "inpaint")  # chosen by the app: they serve only with the demo model
     assert (args.inpaint_model, args.upscale_model) == (str(app.DEMO_INPAINT), str(app.DEMO_UPSCALER))
     args = app.parse_args(["--inpaint-model", "", "--upscale-model", "other/x4"])
-    app.demo_companions(args)
+    assert app.demo_companions(args) == ()
     assert (args.inpaint_model, args.upscale_model) == ("", "other/x4")  # "" = none; an explicit model wins
     args = app.parse_args(["--model", "some/other-model"])
-    app.demo_companions(args)
+    assert app.demo_companions(args) == ()
     assert (args.inpaint_model, args.upscale_model) == (None, None)  # made for the demo model only
     args = app.parse_args(["--backend", "ray", "--replicas", "2"])
     app.demo_companions(args)
     assert args.upscale_model is None and args.inpaint_model is None  # each model is its own deployment there
+
+
+def test_the_app_pairs_only_the_companions_it_chose_with_the_demo_model(monkeypatch):
+    class Loaded:
+        def __init__(self, spec):
+            self.name = f"loaded {spec}"
+
+    monkeypatch.setattr(app, "check_models_dir", lambda args: None)
+    monkeypatch.setattr(app, "load_model", lambda spec, args: Loaded(spec) if spec else None)
+    pipes = app.load_pipelines(app.parse_args([]))
+    assert pipes.paired_with == pipes.base.name and set(pipes.paired) == {"inpaint", "upscale"}
+    pipes = app.load_pipelines(app.parse_args(["--inpaint-model", "my/inpainting"]))
+    assert pipes.paired == ("upscale",) and pipes.inpaint.name == "loaded my/inpainting"
 
 
 def test_inpaint_training_loss_weights_the_known_area():

@@ -414,3 +414,13 @@ def test_pad_for_outpaint_one_side_grey() -> None:
 def test_pad_for_outpaint_rejects_bad_sides(sides: tuple, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         pad_for_outpaint(Image.new("RGB", (8, 8)), *sides)
+
+
+def test_pad_for_outpaint_refuses_a_huge_canvas_before_allocating_it() -> None:
+    image = Image.new("RGB", (64, 48))
+    with pytest.raises(ValueError, match=r"64x48 by left 0, right 10000000.*10000064x48 canvas, over the limit"):
+        pad_for_outpaint(image, 0, 10_000_000, 0, 0)  # 1.4 GB of pixels if it were built
+    canvas, _ = pad_for_outpaint(image, 0, 16, 0, 0, max_pixels=80 * 48)  # exactly at the limit: fine
+    assert canvas.size == (80, 48)
+    with pytest.raises(ValueError, match="over the limit of 3,839 pixels"):
+        pad_for_outpaint(image, 0, 16, 0, 0, max_pixels=80 * 48 - 1)

@@ -64,6 +64,21 @@ def test_switch_serves_the_new_model_and_releases_the_old(root):
     assert "Model: beta" in info and not np.array_equal(before, after)
 
 
+@pytest.mark.parametrize("paired", [True, False])
+def test_the_apps_paired_dedicated_models_serve_only_with_their_checkpoint(root, paired):
+    """The demo model's own inpainting/x4 models (the app pairs them with it) must not inpaint or upscale for a
+    checkpoint switched to; a dedicated model the user named (here the inpainting one) serves with every checkpoint."""
+    ctx = make_ctx(root)
+    inpaint, upscale = object(), object()  # stand-ins: only which object serves matters here
+    ctx.pipes = state.Pipes(ctx.pipes.base, inpaint, upscale, paired_with="alpha",
+                            paired=("inpaint", "upscale") if paired else ("upscale",))
+    assert ctx.models.checkpoint == "alpha"
+    models.switch_model(ctx, "beta", "Automatic")
+    assert ctx.pipes.upscale is None and ctx.pipes.inpaint is (None if paired else inpaint)
+    models.switch_model(ctx, "alpha", "Automatic")
+    assert ctx.pipes.inpaint is inpaint and ctx.pipes.upscale is upscale
+
+
 def test_failed_load_keeps_the_previous_model_and_says_why(root):
     ctx = make_ctx(root)
     before, _ = image(ctx)

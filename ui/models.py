@@ -264,6 +264,7 @@ class Models:
     def _serve(self, ctx: "Context", name: str, turn: Any) -> None:
         old = ctx.pipes.base
         ctx.pipes.base = self.loaded[name]
+        ctx.pipes.follow(name)
         self.checkpoint, self.vae = name, AUTOMATIC
         if old is not None:
             if turn is not None:
@@ -279,6 +280,7 @@ class Models:
         except Exception as exc:  # noqa: BLE001
             raise LoadFailed(f"the previous checkpoint {name} could not be loaded again either: {exc}") from None
         ctx.pipes.base = self.loaded[name]
+        ctx.pipes.follow(name)
         self.checkpoint, self.vae = name, AUTOMATIC
         if vae != AUTOMATIC:
             try:

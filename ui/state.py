@@ -22,6 +22,23 @@ class Pipes:
     base: Any
     inpaint: Any = None
     upscale: Any = None
+    # Dedicated models the app chose for one checkpoint (the demo model's own inpainting and x4 models) serve
+    # only with it: a real checkpoint switched to must not inpaint or upscale through the demo's tiny models.
+    # `paired` names those fields ("inpaint", "upscale"); models the user named serve with every checkpoint.
+    paired_with: str | None = None
+    paired: tuple[str, ...] = ()
+    parked: dict[str, Any] = field(default_factory=dict, repr=False)  # the paired models while another serves
+
+    def follow(self, checkpoint: str) -> None:
+        """Called on every checkpoint switch (ui.models): park or restore the paired dedicated models."""
+        if checkpoint == self.paired_with:
+            for kind, pipe in self.parked.items():
+                setattr(self, kind, pipe)
+            self.parked = {}
+        elif self.paired and not self.parked:
+            self.parked = {kind: getattr(self, kind) for kind in self.paired}
+            for kind in self.paired:
+                setattr(self, kind, None)
 
 
 @dataclass
