@@ -387,11 +387,9 @@ def _sdxl_unet_rss(args) -> int:
 def _sdxl_load_rss(args) -> int:
     import torch
 
-    from . import measure, sdxl_file
+    from . import sdxl_file
 
-    head = (f"- CPU {measure.cpu_model()} ({measure.cpu_flags()}), torch CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}, load average "
-            f"{measure.load_average()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n")
+    head = f"- {_machine(torch.get_num_threads())}\n"
     text = sdxl_file.run(args.out, args.sdxl_load_rss, args.sdxl_file) + head + (f"- note: {args.note}\n" if args.note else "")
     _log(args.out, text)
     return 0
@@ -400,21 +398,16 @@ def _sdxl_load_rss(args) -> int:
 def _sdxl_step(args) -> int:
     import torch
 
-    from . import measure, sdxl_file, sdxl_step
+    from . import sdxl_file, sdxl_step
 
     file, written = args.sdxl_file, None
     if file is None:
         file = written = args.out / "sdxl-random-fp16.safetensors"
         sdxl_file.write_random(file, sdxl_file.original_shapes())
-    head = (f"- CPU {measure.cpu_model()} ({measure.cpu_flags()}), torch CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()}, threads {args.threads or torch.get_num_threads()}, "
-            f"load average {measure.load_average()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n")
+    head = f"- {_machine(args.threads or torch.get_num_threads())}\n"
     try:
-        results = []
-        for r in range(args.repeats or 1):
-            for side in (("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")):  # ABBA: cancels drift
-                results.append(sdxl_step.run_side(side, file, args.sdxl_step, args.steps or 2, args.threads))
-                _log(args.out, f"  {side}: {json.dumps(results[-1])}")
+        results = _alternating(args, ("ours", "diffusers"),
+                               lambda side: sdxl_step.run_side(side, file, args.sdxl_step, args.steps or 2, args.threads))
     finally:
         if written is not None:
             written.unlink(missing_ok=True)
@@ -424,38 +417,46 @@ def _sdxl_step(args) -> int:
 
 
 def _run_rss(args, folder: Path) -> int:
-    import torch
-
-    from . import measure, run_rss
+    from . import run_rss
 
     size, steps = args.size or 512, args.steps or 2
-    results = []
-    for r in range(args.repeats or 1):
-        for side in (("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")):
-            results.append(run_rss.run_side(side, folder, size, steps, args.threads))
-            _log(args.out, f"  {side}: {json.dumps(results[-1])}")
+    results = _alternating(args, ("ours", "diffusers"), lambda side: run_rss.run_side(side, folder, size, steps, args.threads))
     settings = (f"{args.shape}-width SD-1.5-shaped random weights, fp32, {size}x{size}, {steps} DDIM steps, CFG 7.5, batch 1; "
-                f"CPU {measure.cpu_model()} ({measure.cpu_flags()}), torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-                f"threads {results[0]['threads']}, load average {measure.load_average()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+                + _machine(results[0]["threads"]))
     _log(args.out, run_rss.report(results, settings) + (f"- note: {args.note}\n" if args.note else ""))
     return 0
 
 
 def _encode_pagein(args, folder: Path) -> int:
-    import torch
+    from . import encode_pagein
 
-    from . import encode_pagein, measure
-
-    size, results = args.size or 512, []
-    for r in range(args.repeats or 1):
-        for variant in (encode_pagein.VARIANTS if r % 2 == 0 else encode_pagein.VARIANTS[::-1]):
-            results.append(encode_pagein.run_side(variant, folder, size, args.threads))
-            _log(args.out, f"  {variant}: {json.dumps(results[-1])}")
-    settings = (f"{args.shape}-width SD-1.5-shaped random weights, fp32, {size}x{size}; CPU {measure.cpu_model()} "
-                f"({measure.cpu_flags()}), torch CPU capability {torch.backends.cpu.get_cpu_capability()}, threads "
-                f"{results[0]['threads']}, load average {measure.load_average()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    size = args.size or 512
+    results = _alternating(args, tuple(encode_pagein.VARIANTS),
+                           lambda variant: encode_pagein.run_side(variant, folder, size, args.threads))
+    settings = f"{args.shape}-width SD-1.5-shaped random weights, fp32, {size}x{size}; " + _machine(results[0]["threads"])
     _log(args.out, encode_pagein.report(results, settings) + (f"- note: {args.note}\n" if args.note else ""))
     return 0
+
+
+def _alternating(args, sides: tuple[str, ...], run) -> list[dict]:
+    """run(side) for every side, --repeats rounds, the order reversed every other round (ABBA: cancels drift);
+    each result logged as it comes."""
+    results = []
+    for r in range(args.repeats or 1):
+        for side in (sides if r % 2 == 0 else sides[::-1]):
+            results.append(run(side))
+            _log(args.out, f"  {side}: {json.dumps(results[-1])}")
+    return results
+
+
+def _machine(threads) -> str:
+    """The line every memory/timing report ends with: what it ran on, and when."""
+    import torch
+
+    from . import measure
+
+    return (f"CPU {measure.cpu_model()} ({measure.cpu_flags()}), torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"threads {threads}, load average {measure.load_average()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
 
 
 if __name__ == "__main__":
