@@ -92,6 +92,27 @@ def test_auto_dtype_selection():
         loading.resolve_dtypes("int4", CPU)
 
 
+def test_default_path_on_a_cpu_without_bf16_is_diffusers_image_exactly(base_model, monkeypatch):
+    """Issue 22's regression guard: speed work must not change what `ldm.load(model)` with no options draws.
+    On a CPU without native bf16 (most AVX2 machines) that is diffusers' own image, to the pixel."""
+    from diffusers import StableDiffusionPipeline
+
+    from ldm import samplers
+
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda cpuinfo=None: False)
+    pipe = ldm.load(base_model, device="cpu")
+    assert pipe.unet.dtype == pipe.vae.dtype == torch.float32
+    assert (pipe.accel.channels_last, pipe.accel.compiled, pipe.accel.offload) == (False, False, "none")
+    ours = small(pipe, batch_size=2)
+    ref = StableDiffusionPipeline.from_pretrained(base_model, safety_checker=None, feature_extractor=None,
+                                                  requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = samplers.make_scheduler("DPM++ 2M", "Automatic", dict(ref.scheduler.config), seeds=ours.seeds)
+    theirs = ref("a red circle", width=32, height=32, num_inference_steps=4, guidance_scale=7.0,
+                 num_images_per_prompt=2, generator=[torch.Generator("cpu").manual_seed(s) for s in ours.seeds]).images
+    assert np.array_equal(pixels(ours), np.stack([np.asarray(im, np.int16) for im in theirs]))
+
+
 def test_auto_on_bf16_cpu_loads_mixed_dtypes_and_stays_close_to_fp32(base_model, base_pipe, monkeypatch):
     monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda cpuinfo=None: True)
     pipe = ldm.load(base_model, device="cpu", dtype="auto")

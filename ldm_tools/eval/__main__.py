@@ -20,6 +20,7 @@ def main(argv=None) -> None:
     lo.add_argument("--prompts", type=int, default=50)
     lo.add_argument("--seeds", type=int, default=2)
     lo.add_argument("--grid", default="docs/images/demo-lora.png", help="grid image ('' to skip)")
+    lo.add_argument("--seed", type=int, default=0, help="draws the cases (0: the reported set; others: fresh cases)")
     cn = sub.add_parser("controlnet", help="evaluate the demo canny ControlNet (IoU of object and control shape)")
     cn.add_argument("--model", default="weights/demo")
     cn.add_argument("--controlnet", default="weights/demo-models/ControlNet/demo-canny")
@@ -64,7 +65,7 @@ def main(argv=None) -> None:
     if a.cmd == "lora":
         from .lora import run as run_lora
 
-        run_lora(a.model, a.lora, n=a.prompts, seeds=a.seeds, grid=a.grid or None)
+        run_lora(a.model, a.lora, n=a.prompts, seeds=a.seeds, grid=a.grid or None, seed=a.seed)
         return
     if a.cmd == "demo":
         from .demo import run
