@@ -101,9 +101,9 @@ class GenerationParams:
                 raise ValueError(f"{name} {v} is out of range: use 1 to {limits.max_size} pixels")
             if v % limits.size_step:
                 raise ValueError(f"{name} {v} is not a multiple of {limits.size_step} (this model's size step)")
-        _check_int("steps", self.steps, limits.range("steps"))
-        _check_int("batch_size", self.batch_size, limits.range("batch_size"))
-        _check_int("clip_skip", self.clip_skip, limits.range("clip_skip"),
+        check_int("steps", self.steps, limits.range("steps"))
+        check_int("batch_size", self.batch_size, limits.range("batch_size"))
+        check_int("clip_skip", self.clip_skip, limits.range("clip_skip"),
                    f" (this model's text encoder has {limits.max_clip_skip} layers)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not (-1 <= self.seed <= MAX_SEED):
             raise ValueError(f"seed must be -1 (random) or 0 to {MAX_SEED}, got {self.seed!r}")
@@ -129,6 +129,7 @@ class GenerationParams:
         return {f.name for f in fields(cls)}
 
 
-def _check_int(name: str, value, allowed: Range, why: str = "") -> None:
+def check_int(name: str, value, allowed: Range, why: str = "") -> None:
+    """Raise ValueError naming `name` unless `value` is a whole number in `allowed` (bools are not numbers)."""
     if not isinstance(value, int) or isinstance(value, bool) or value not in allowed:
         raise ValueError(f"{name} must be a whole number from {allowed.text()}{why}, got {value!r}")

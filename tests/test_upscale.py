@@ -379,6 +379,10 @@ def test_bad_hires_settings_fail_before_the_first_pass(base_pipe):
             base_pipe.txt2img("x", width=32, height=32, hires_scale=2, hires_strength=0)
         with pytest.raises(ValueError, match="hires scale must be 1 or more"):
             base_pipe.txt2img("x", width=32, height=32, hires_scale=0.5)
+        for steps in (0, base_pipe.limits.max_steps + 1):  # named as the second pass's, not the first's "steps"
+            with pytest.raises(ValueError, match=rf"^hires steps must be a whole number from 1 to {base_pipe.limits.max_steps} "
+                                                 rf"\(unset: as many as the first pass\), got {steps}$"):
+                base_pipe.txt2img("x", width=32, height=32, hires_scale=2, hires_steps=steps)
     finally:
         hook.remove()
     assert calls == []

@@ -103,7 +103,11 @@ BAD_TXT2IMG = [
     ({"hires_scale": 100}, f"the largest side allowed is {MAX_SIZE}"),
     ({"hires_scale": 0.5}, "hires scale must be 1 or more (1 = no enlargement), got 0.5"),
     ({"hires_scale": 2, "hires_strength": 0}, "strength (denoising strength) must be in (0, 1], got 0"),
-    ({"hires_scale": 2, "hires_steps": -3}, "hires_steps must be 0 (as many as the first pass) or from 1 to 1000"),
+    # said of the hires steps by ldm itself (ldm.tasks.hires.plan), not as the first pass's "steps"
+    ({"hires_scale": 2, "hires_steps": -3}, "hires steps must be a whole number from 1 to 1000 (unset: as many as "
+                                            "the first pass), got -3"),
+    ({"hires_scale": 2, "hires_steps": 1001}, "hires steps must be a whole number from 1 to 1000 (unset: as many as "
+                                              "the first pass), got 1001"),
     ({"sampler": EVIL}, "unknown sampler"), ({"schedule": EVIL}, "schedule"),
 ]
 

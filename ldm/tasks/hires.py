@@ -19,7 +19,7 @@ from ..conditioning import schedule_steps
 from ..denoise import Extension, StepCallback
 from ..engine import Model, Result, Start, params_for, require, run, strength_slice
 from ..latents import encode, seeded_noise
-from ..params import HIRES_SCALE, GenerationParams
+from ..params import HIRES_SCALE, GenerationParams, check_int
 from ..resize import check_output, check_scale
 
 HIRES_UPSCALERS = {"latent": "Latent", "lanczos": "Lanczos"}  # our name -> A1111's infotext name
@@ -104,6 +104,8 @@ def plan(model: Model, first: GenerationParams, *, scale: float, upscaler: str =
     key = upscaler.lower() if isinstance(upscaler, str) else upscaler
     if key not in HIRES_UPSCALERS:
         raise ValueError(f"unknown hires upscaler {upscaler!r}; choose one of: {', '.join(HIRES_UPSCALERS)}")
+    if steps is not None:  # said of the second pass, not as the first pass's "steps"
+        check_int("hires steps", steps, model.limits.range("steps"), " (unset: as many as the first pass)")
     bad = sorted({"width", "height", "strength"} & set(overrides))
     if bad:
         raise ValueError(f"hires fix does not take {', '.join(bad)}: the size comes from scale, the strength from strength=")
