@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from ldm.images import DEFAULT_MAX_PIXELS, load_image, to_8bit
+from ldm.params import INPAINT_PADDING, MASK_BLUR, OUTPAINT_SIDE, check_int
 
 __all__ = [
     "InpaintArea",
@@ -24,6 +25,7 @@ __all__ = [
     "normalize_mask",
     "is_full",
     "require_mask",
+    "check_mask_blur",
     "blur_mask",
     "mask_bbox",
     "crop_region",
@@ -204,6 +206,13 @@ def is_full(mask: Image.Image) -> bool:
     return require_mask(mask).getextrema() == (255, 255)
 
 
+def check_mask_blur(radius: Any) -> None:
+    """A blur radius (pixels) from `ldm.params.MASK_BLUR`, or ValueError."""
+    if not isinstance(radius, numbers.Real) or isinstance(radius, bool) or not math.isfinite(radius) \
+            or radius not in MASK_BLUR:
+        raise ValueError(f"mask blur radius must be a number of pixels from {MASK_BLUR.text()}, got {radius!r}")
+
+
 def blur_mask(mask: Image.Image, radius: float) -> Image.Image:
     """Feather the mask with a Gaussian blur of standard deviation ``radius`` px.
 
@@ -214,8 +223,7 @@ def blur_mask(mask: Image.Image, radius: float) -> Image.Image:
     ``radius == 0`` returns an unchanged copy.
     """
     mask = require_mask(mask)
-    if not isinstance(radius, numbers.Real) or isinstance(radius, bool) or not math.isfinite(radius) or radius < 0:
-        raise ValueError(f"mask blur radius must be a number >= 0 (pixels); got {radius!r}")
+    check_mask_blur(radius)
     if radius == 0:
         return mask.copy()
     return mask.filter(ImageFilter.GaussianBlur(radius))
@@ -231,8 +239,7 @@ def mask_bbox(mask: Image.Image) -> Region:
 
 def crop_region(mask: Image.Image, padding: int) -> Region:
     """Bounding box of the mask grown by ``padding`` px on every side, clamped to the image."""
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be an integer >= 0 (pixels); got {padding!r}")
+    check_int("padding", padding, INPAINT_PADDING, " (pixels)")
     x0, y0, x1, y1 = mask_bbox(mask)
     width, height = mask.size
     return (max(x0 - padding, 0), max(y0 - padding, 0), min(x1 + padding, width), min(y1 + padding, height))
@@ -336,8 +343,7 @@ def pad_for_outpaint(image: Image.Image, left: int, right: int, top: int, bottom
         raise ValueError(f"image must be a PIL image; got {type(image).__name__}")
     sides = {"left": left, "right": right, "top": top, "bottom": bottom}
     for name, value in sides.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"outpaint {name} must be an integer >= 0 (pixels); got {value!r}")
+        check_int(f"outpaint {name}", value, OUTPAINT_SIDE, " (pixels)")
     if not any(sides.values()):
         raise ValueError("outpainting needs at least one side > 0 pixels (left, right, top or bottom)")
     if image.width == 0 or image.height == 0:

@@ -25,6 +25,8 @@ class Range:
         return above and (value < self.high if self.open_high else value <= self.high)
 
     def text(self) -> str:
+        if math.isinf(self.high):
+            return f"more than {self.low:g}" if self.open_low else f"{self.low:g} or more"
         if not (self.open_low or self.open_high):
             return f"{self.low:g} to {self.high:g}"
         return f"{'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
@@ -37,6 +39,12 @@ HIRES_SCALE = Range(1, math.inf)  # 1 = no enlargement; the size it gives is che
 CONTROL_WEIGHT = Range(0, 2)  # a ControlNet unit's weight
 CONTROL_STEPS = Range(0, 1)  # a ControlNet unit's start and end, fractions of the steps
 REFINER_SWITCH = Range(0, 1, open_low=True, open_high=True)  # the fraction of the steps before the refiner
+# Inpainting, outpainting and the x4 upscaler, in pixels of the input image.
+MASK_BLUR = Range(0, 1024)  # the feather's Gaussian sigma; far past any picture's size (PIL's blur kills the process near 1e10)
+INPAINT_PADDING = Range(0, math.inf)  # "only masked": around the mask's box, which stops at the image's edges
+OUTPAINT_SIDE = Range(0, math.inf)  # added on one side; the whole canvas is bounded by the input-image pixel limit
+UPSCALE_TILE = Range(8, math.inf)  # the x4 upscaler's tile side (None: automatic); one past the image is one piece
+TILE_OVERLAP = Range(0, math.inf)  # between x4 tiles; with a tile size given, also at most half of it
 
 
 @dataclass(frozen=True)
@@ -132,4 +140,5 @@ class GenerationParams:
 def check_int(name: str, value, allowed: Range, why: str = "") -> None:
     """Raise ValueError naming `name` unless `value` is a whole number in `allowed` (bools are not numbers)."""
     if not isinstance(value, int) or isinstance(value, bool) or value not in allowed:
-        raise ValueError(f"{name} must be a whole number from {allowed.text()}{why}, got {value!r}")
+        span = f", {allowed.text()}" if math.isinf(allowed.high) else f" from {allowed.text()}"
+        raise ValueError(f"{name} must be a whole number{span}{why}, got {value!r}")

@@ -22,6 +22,7 @@ from ldm.masks import (
     pad_for_outpaint,
     paste_back,
 )
+from ldm.params import MASK_BLUR
 
 SIZE = (64, 48)  # (w, h): deliberately not square to catch w/h mix-ups
 
@@ -202,7 +203,7 @@ def test_blur_softens_edges_keeps_interior() -> None:
     assert np.asarray(blur_mask(Image.fromarray(b), 4))[:, 0].min() == 255
 
 
-@pytest.mark.parametrize("radius", [-1, float("nan"), "3", None])
+@pytest.mark.parametrize("radius", [-1, float("nan"), "3", None, MASK_BLUR.high + 1, 10**10])  # 1e10 crashed PIL
 def test_blur_rejects_bad_radius(radius: object) -> None:
     with pytest.raises(ValueError, match="radius"):
         blur_mask(Image.fromarray(_pattern()), radius)  # type: ignore[arg-type]
@@ -409,7 +410,8 @@ def test_pad_for_outpaint_one_side_grey() -> None:
 
 @pytest.mark.parametrize(
     "sides, match",
-    [((0, 0, 0, 0), "at least one side"), ((-1, 8, 0, 0), ">= 0"), ((1.5, 0, 0, 0), "integer")],
+    [((0, 0, 0, 0), "at least one side"), ((-1, 8, 0, 0), r"outpaint left must be a whole number, 0 or more \(pixels\), got -1"),
+     ((1.5, 0, 0, 0), "whole number")],
 )
 def test_pad_for_outpaint_rejects_bad_sides(sides: tuple, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -6,8 +6,9 @@ import pytest
 import ldm
 import tiny
 from ldm.masks import InpaintArea, MaskedContent
-from ldm.params import GUIDANCE, HIRES_SCALE, REFINER_SWITCH, STRENGTH
-from ui import choices
+from ldm.params import (GUIDANCE, HIRES_SCALE, INPAINT_PADDING, MASK_BLUR, OUTPAINT_SIDE, REFINER_SWITCH, STRENGTH,
+                        TILE_OVERLAP, UPSCALE_TILE)
+from ui import brush, choices
 
 pytest.importorskip("gradio")
 
@@ -61,32 +62,32 @@ def test_sliders_follow_the_loaded_pipeline(base_pipe, tmp_path):
     assert [value for _, value in one(demo, label="Method").choices] == [choices.UPSCALE_HIRES, *ldm.RESAMPLERS]
 
 
-# The UI's own ranges over values ldm takes with no upper bound: Gradio's range check stays the server's
-# bound there (an outpaint side of 10**6 pixels would be allocated before ldm's size check).
-UI_RANGES = {"Mask blur", "Only masked padding, pixels", "Left, pixels", "Right, pixels", "Top, pixels",
-             "Bottom, pixels", "Tile size (0 = auto)", "Tile overlap", "Brush radius, px (of the picture)"}
-
-
-def test_every_slider_ldm_checks_lets_typed_values_reach_ldm(base_pipe, tmp_path):
-    """Gradio's Slider sets a typed value to its range without a word; every slider whose values ldm (or a
-    handler) checks passes them on instead (ui.ranges), so its message says what is allowed."""
+def test_every_slider_lets_typed_values_reach_the_rule_that_checks_them(base_pipe, x4_pipe, tmp_path):
+    """Gradio's Slider sets a typed value to its range without a word; every slider on the page passes typed
+    values on instead (ui.ranges), so ldm's check (or, for the brush, ui.brush's) says what is allowed."""
     from ui import build
     from ui.gradio_compat import LIBRARY_RANGE
     from ui.state import Options, Pipes
 
-    demo = build(Pipes(base_pipe), Options(outputs=tmp_path))
+    demo = build(Pipes(base_pipe, upscale=x4_pipe), Options(outputs=tmp_path))
     sliders = [b for b in demo.blocks.values() if type(b).__name__ == "Slider"]
-    checked = [s for s in sliders if s.label not in UI_RANGES]
-    assert {s.label for s in sliders} >= UI_RANGES
-    assert len(checked) > 30  # sizes, steps, CFG, batch, clip skip, strengths, hires, ControlNet units, ...
+    assert len(sliders) > 40  # sizes, steps, CFG, batch, strengths, hires, inpaint, outpaint, x4 tiles, ControlNet, ...
     for s in sliders:
-        assert (LIBRARY_RANGE in (s.elem_classes or [])) == (s.label not in UI_RANGES), s.label
+        assert LIBRARY_RANGE in (s.elem_classes or []), s.label
     over = base_pipe.limits.max_steps + 1
     assert one(demo, elem_id="txt2img-steps").preprocess(over) == over  # for ldm to refuse, with its message
     for s in components(demo, label="Denoising strength"):
         assert (s.minimum, s.maximum) == (STRENGTH.low + s.step, STRENGTH.high)  # ldm: 0 < strength <= 1
     assert (one(demo, elem_id="txt2img-hires-scale").minimum, one(demo, elem_id="txt2img-refiner-switch-at").maximum) \
         == (HIRES_SCALE.low, REFINER_SWITCH.high - 0.01)
+    # The inpaint, outpaint and x4 ones start where ldm's ranges start (the tile size at 0: automatic); their
+    # tracks end where A1111's do, and past that a typed value reaches ldm (which takes 300 px of padding).
+    for elem_id, allowed in (("inpaint-mask-blur", MASK_BLUR), ("inpaint-padding", INPAINT_PADDING),
+                             ("outpaint-left", OUTPAINT_SIDE), ("upscale-tile-overlap", TILE_OVERLAP)):
+        s = one(demo, elem_id=elem_id)
+        assert s.minimum == allowed.low and s.maximum <= allowed.high and s.preprocess(s.maximum + 1) == s.maximum + 1
+    assert one(demo, elem_id="upscale-tile-size").minimum == 0 < UPSCALE_TILE.low
+    assert one(demo, elem_id="inpaint-brush-size").preprocess(brush.MAX_SIZE + 1) == brush.MAX_SIZE + 1
 
 
 def test_noise_level_follows_the_x4_model(base_pipe, x4_pipe, tmp_path):

@@ -142,6 +142,11 @@ def test_bad_upscale_input_is_refused_before_model_work(up_pipe, base_pipe):
             up_pipe.upscale(noise_image(16, 16), width=64)
         with pytest.raises(ValueError, match="tile_overlap must be"):
             up_pipe.upscale(noise_image(16, 16), tile_size=16, tile_overlap=12)
+        with pytest.raises(ValueError, match=r"tile_size must be a whole number, 8 or more"):
+            up_pipe.upscale(noise_image(16, 16), tile_size=4)
+        with pytest.raises(ValueError, match=r"tile_overlap must be a whole number, 0 or more \(input pixels\), "
+                                             r"got -1"):
+            up_pipe.upscale(noise_image(16, 16), tile_overlap=-1)
         with pytest.raises(ValueError, match="too small"):
             up_pipe.upscale(noise_image(3, 16))
     finally:

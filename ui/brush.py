@@ -13,17 +13,26 @@ so the upload fit shows no progress and changes nothing when the brush already f
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import gradio as gr
 
+from ldm.images import DEFAULT_MAX_PIXELS
+from ldm.params import Range
+
+from .convert import as_int
 from .editor import editor_image
-from .errors import readable
+from .errors import explain, readable
 from .gradio_compat import image_size
+from .ranges import slider
 
 MASK_COLOUR = ("#ffffff", 0.5)  # white at half opacity: the mask and the picture under it
 DEFAULT_SIZE = 16  # before any picture (a 256 px one)
-MAX_SIZE = 256
+MAX_SIZE = 256  # the largest fitted brush, and the number's track; larger ones are typed
+# A typed radius is used as typed up to the side of the largest square picture the server opens; outside
+# this, the brush keeps its size and the tab's status line says why (the number keeps what was typed).
+SIZES = Range(1, math.isqrt(DEFAULT_MAX_PIXELS))
 
 
 def brush(size: int) -> gr.Brush:
@@ -36,8 +45,17 @@ def size_for(width: int, height: int) -> int:
 
 
 def size_field() -> gr.Slider:
-    return gr.Slider(1, MAX_SIZE, value=DEFAULT_SIZE, step=1, label="Brush radius, px (of the picture)",
-                     elem_id="inpaint-brush-size")
+    return slider(SIZES, drag_top=MAX_SIZE, value=DEFAULT_SIZE, step=1, label="Brush radius, px (of the picture)",
+                  elem_id="inpaint-brush-size")
+
+
+def set_size(value: Any) -> gr.ImageEditor:
+    """The brush-size number -> the editor's brush, or ValueError for a radius outside SIZES."""
+    n = as_int("brush radius", value)
+    if n not in SIZES:
+        raise ValueError(f"brush radius must be from {SIZES.text()} pixels (of the picture), got {n}; "
+                         "the brush keeps its size")
+    return gr.ImageEditor(brush=brush(n))
 
 
 def sent(path: str) -> tuple[gr.ImageEditor, int]:
@@ -60,9 +78,10 @@ def fit(value: Any, current: float | None):
     return n, gr.ImageEditor(brush=brush(n))
 
 
-def wire_brush(editor: gr.ImageEditor, size: gr.Slider) -> None:
-    """An uploaded picture sets the brush to its size; the number sets the editor's brush."""
+def wire_brush(editor: gr.ImageEditor, size: gr.Slider, status: gr.Textbox) -> None:
+    """An uploaded picture sets the brush to its size; the number sets the editor's brush, or says in the
+    tab's `status` line why it cannot."""
     editor.upload(readable(fit), [editor, size], [size, editor], queue=False, show_progress="hidden",
                   api_visibility="private")
-    size.input(readable(lambda n: gr.ImageEditor(brush=brush(n))), size, editor, queue=False,
-               show_progress="hidden", api_visibility="private")
+    typed = size.input(readable(set_size), size, editor, queue=False, show_progress="hidden", api_visibility="private")
+    typed.failure(explain(set_size), size, status, queue=False, api_visibility="private")

@@ -4,7 +4,8 @@ Number ranges are the ones ldm checks (`ui.ranges`: typed values outside them re
 them with its message): those of the loaded model from `pipe.limits.range` (width/height from the size
 step to `max_size` on every tab, batch size, steps, clip skip up to the text encoder's depth), the x4
 upscaler's noise level from its `max_noise_level`, the fixed ones from `ldm.params` (CFG scale, denoising
-strength, hires scale). Choices come from `ui.choices` (which reads ldm's tables).
+strength, hires scale, mask blur, inpaint padding, outpaint sides, x4 tile size and overlap). Choices come
+from `ui.choices` (which reads ldm's tables).
 """
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from typing import Any
 import gradio as gr
 
 from ldm import samplers
-from ldm.params import GUIDANCE, HIRES_SCALE, STRENGTH, Range
+from ldm.params import (GUIDANCE, HIRES_SCALE, INPAINT_PADDING, MASK_BLUR, OUTPAINT_SIDE, STRENGTH, TILE_OVERLAP,
+                        UPSCALE_TILE, Range)
 
 from . import brush, choices
 from .control_widgets import control_accordion
 from .model_widgets import refiner_accordion
 from .errors import readable
-from .ranges import CFG_DRAG_TOP, HIRES_SCALE_DRAG_TOP, STEPS_DRAG_TOP, slider
+from .ranges import (CFG_DRAG_TOP, HIRES_SCALE_DRAG_TOP, MASK_BLUR_DRAG_TOP, OUTPAINT_DRAG_TOP, PADDING_DRAG_TOP,
+                     STEPS_DRAG_TOP, TILE_DRAG_TOP, TILE_OVERLAP_DRAG_TOP, slider)
 from .state import Context
 from .streaming import Output, Step, done_text, progress_text
 from .tasks import BATCH_COUNT, RESIZE_SCALE
@@ -224,7 +227,6 @@ def inpaint_tab(ctx: Context) -> Tab:
                 brush=brush.brush(brush.DEFAULT_SIZE), elem_id="inpaint-editor",
             )
             f["_brush_size"] = brush.size_field()  # sized to each uploaded picture (ui.brush)
-            brush.wire_brush(f["_editor"], f["_brush_size"])
             with gr.Accordion("Or upload a mask (white = repaint; transparent = repaint if it has alpha)", open=False):
                 f["_mask_upload"] = gr.Image(label="Mask", type="pil", image_mode=None, format="png", height=200,
                                              sources=["upload", "clipboard"])
@@ -235,21 +237,25 @@ def inpaint_tab(ctx: Context) -> Tab:
             go, stop = action_buttons("inpaint", "Inpaint")
             f["strength"] = strength_field(0.75, elem_id="inpaint-strength")
             with gr.Row():
-                f["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="inpaint-mask-blur")
+                f["mask_blur"] = slider(MASK_BLUR, drag_top=MASK_BLUR_DRAG_TOP, value=4, step=1, label="Mask blur",
+                                        elem_id="inpaint-mask-blur")
                 f["invert_mask"] = gr.Checkbox(value=False, label="Invert mask")
             with gr.Row():
                 f["inpaint_area"] = gr.Radio(choices.INPAINT_AREAS, value="whole", label="Inpaint area")
-                f["padding"] = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels")
+                f["padding"] = slider(INPAINT_PADDING, drag_top=PADDING_DRAG_TOP, value=32, step=4,
+                                      label="Only masked padding, pixels", elem_id="inpaint-padding")
             f["masked_content"] = gr.Radio(choices.MASKED_CONTENT, value="original", label="Masked content")
             f |= generation_fields(pipe, "inpaint", from_image=True)
             f |= control_accordion(ctx, "inpaint", (f["width"], f["height"]), uses_tab_image=True)
             with gr.Accordion("Outpaint (extend the canvas)", open=False):
                 with gr.Row():
                     for side in ("left", "right", "top", "bottom"):
-                        f[side] = gr.Slider(0, 512, value=0, step=pipe.limits.size_step, label=f"{side.title()}, pixels")
+                        f[side] = slider(OUTPAINT_SIDE, drag_top=OUTPAINT_DRAG_TOP, value=0, step=pipe.limits.size_step,
+                                         label=f"{side.title()}, pixels", elem_id=f"outpaint-{side}")
                 f["_outpaint"] = gr.Button("Outpaint", variant="primary", elem_id="outpaint-generate")
         with gr.Column(scale=1, elem_classes=["ldm-results"]):
             results = results_panel("inpaint")
+    brush.wire_brush(f["_editor"], f["_brush_size"], results.status)
     return Tab(f, results, go, stop)
 
 
@@ -273,8 +279,12 @@ def upscale_tab(ctx: Context) -> Tab:
             with gr.Accordion("Model-based methods (x4 model, hires fix)" if x4 else "Hires fix settings", open=False):
                 f |= prompt_fields("upscale", "empty: the image's own prompt, from its parameters")
                 with gr.Row(visible=x4):
-                    f["tile_size"] = gr.Slider(0, 1024, value=0, step=pipe.limits.size_step, label="Tile size (0 = auto)")
-                    f["tile_overlap"] = gr.Slider(0, 256, value=32, step=8, label="Tile overlap")
+                    # and 0: automatic (ldm's None)
+                    f["tile_size"] = slider(Range(0, UPSCALE_TILE.high), drag_top=TILE_DRAG_TOP, value=0,
+                                            step=pipe.limits.size_step,
+                                            label="Tile size (0 = auto)", elem_id="upscale-tile-size")
+                    f["tile_overlap"] = slider(TILE_OVERLAP, drag_top=TILE_OVERLAP_DRAG_TOP, value=32, step=8,
+                                               label="Tile overlap", elem_id="upscale-tile-overlap")
                 with gr.Row():
                     f["noise_level"] = noise_level_field(ctx.pipes.upscale)
                     f["strength"] = strength_field(0.5, "Denoising strength (hires fix)" if x4 else "Denoising strength",

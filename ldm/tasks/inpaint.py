@@ -37,13 +37,14 @@ from ..masks import (
     MaskedContent,
     Region,
     blur_mask,
+    check_mask_blur,
     crop_region,
     expand_to_aspect,
     normalize_mask,
     pad_for_outpaint,
     paste_back,
 )
-from ..params import GenerationParams
+from ..params import INPAINT_PADDING, GenerationParams, check_int
 
 # A1111's infotext labels for the start modes ("original" is its default and is not written).
 _CONTENT_LABELS = {
@@ -145,7 +146,8 @@ def _inpaint(model: Model, image, mask, prompt: str, *, strength, mask_blur, inp
     _check_model(model, "inpainting")
     area = _choice(InpaintArea, inpaint_area, "inpaint_area")
     content = _choice(MaskedContent, masked_content, "masked_content")
-    _check_padding(padding)
+    check_mask_blur(mask_blur)
+    check_int("padding", padding, INPAINT_PADDING, " (pixels around the mask, inpaint_area='masked')")
     if not isinstance(invert_mask, bool):
         raise ValueError(f"invert_mask must be True or False, got {invert_mask!r}")
 
@@ -185,11 +187,6 @@ def _choice(enum: type, value: Any, name: str):
     except ValueError:
         allowed = ", ".join(repr(m.value) for m in enum)
         raise ValueError(f"{name} must be one of {allowed}; got {value!r}") from None
-
-
-def _check_padding(padding: Any) -> None:
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be a whole number of pixels >= 0; got {padding!r}")
 
 
 def _default_size(model: Model, image: Image.Image, settings: dict) -> dict:

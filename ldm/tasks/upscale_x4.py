@@ -21,7 +21,7 @@ from ..extensions import UNetInputs
 from ..faults import OutOfMemory, free_memory, is_out_of_memory
 from ..guidance import uses_cfg
 from ..latents import seeded_noise
-from ..params import GenerationParams
+from ..params import TILE_OVERLAP, UPSCALE_TILE, GenerationParams, Range, check_int
 from ..resize import check_output, check_scale
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,7 @@ def upscale(model: Model, image, prompt: str = "", *, noise_level: int = 20, til
     check_output(low.size, f"x{f}", (w * f, h * f), model.options.max_upscale_size, "options.max_upscale_size")
     p = _upscale_params(model, prompt, settings, (w * f, h * f)).with_seed()
     _check_noise_level(noise_level, model.max_noise_level)
-    if tile_size is not None:
-        _check_tile(tile_size, tile_overlap)
-    elif not isinstance(tile_overlap, int) or isinstance(tile_overlap, bool) or tile_overlap < 0:
-        raise ValueError(f"tile_overlap must be a whole number of pixels, 0 or more; got {tile_overlap!r}")
+    _check_tile(tile_size, tile_overlap)
     if memory_budget_mb is not None:
         check_scale("memory_budget_mb", memory_budget_mb)
     if low.size != (w, h):
@@ -102,10 +99,13 @@ def _check_noise_level(level, max_level: int | None) -> None:
 
 
 def _check_tile(tile, overlap) -> None:
-    if not isinstance(tile, int) or isinstance(tile, bool) or tile < 8:
-        raise ValueError(f"tile_size must be a whole number of input pixels, at least 8, or None (automatic); got {tile!r}")
-    if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap <= tile // 2:
-        raise ValueError(f"tile_overlap must be a whole number from 0 to half the tile size ({tile // 2}); got {overlap!r}")
+    """tile None: automatic; the overlap's range is ldm.params.TILE_OVERLAP, with a tile at most half of it."""
+    if tile is None:
+        check_int("tile_overlap", overlap, TILE_OVERLAP, " (input pixels)")
+        return
+    check_int("tile_size", tile, UPSCALE_TILE, " (input pixels; None: automatic)")
+    check_int("tile_overlap", overlap, Range(TILE_OVERLAP.low, min(TILE_OVERLAP.high, tile // 2)),
+              f" (input pixels: at most half the tile size {tile})")
 
 
 def _upscale_tiles(model: Model, p: GenerationParams, pixels: torch.Tensor, noise_level: int, plan: TilePlan,
