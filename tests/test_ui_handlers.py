@@ -215,6 +215,33 @@ def test_stop_cancels_at_the_next_step_and_keeps_finished_batches(ctx):
     assert ctx.jobs.cancel("s1") == 0 and ctx.jobs.active() == 0  # the run unregistered itself
 
 
+def test_stop_returns_once_the_run_has_yielded_its_last_step(ctx):
+    """The Stop button's wait (Jobs.stop): when it returns, the run has left its step loop, so no progress
+    message can follow (and overwrite) the "Stopped." it reports."""
+    items: list = []
+
+    def consume():  # appends each item as the run yields it
+        for item in tasks.txt2img(ctx, prompt="x", steps=200, seed=1, session="s2"):
+            items.append(item)
+
+    def steps() -> int:
+        return sum(isinstance(i, streaming.Step) for i in list(items))
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    deadline = time.monotonic() + 120
+    while not steps():
+        assert time.monotonic() < deadline, "the run never reported a step"
+        time.sleep(0.01)
+    assert ctx.jobs.stop("s2", 60) == 1
+    at_stop = steps()
+    worker.join(60)
+    assert steps() == at_stop < 200
+    assert isinstance(items[-1], streaming.Output) and items[-1].stopped
+    started = time.monotonic()
+    assert ctx.jobs.stop("s2", 30) == 0 and time.monotonic() - started < 5  # nothing running: no wait
+
+
 def test_a_stream_nobody_reads_is_abandoned():
     flag = threading.Event()
 

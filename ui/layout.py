@@ -56,17 +56,24 @@ def wire_results(ctx: Context, tab: Tab) -> None:
                                    queue=False, api_visibility="private")
 
 
+STOP_WAIT = 10.0  # seconds Stop waits for the model's next step before the page stops listening to the run
+
+
 def wire_stop(ctx: Context, tab: Tab, events: list) -> None:
-    """Stop: Gradio cancels the events (and drops queued ones); the flag stops the model at its next step."""
+    """Stop: the flag stops the model at its next step; once it has (or after STOP_WAIT), Gradio cancels the
+    events, which also drops this session's queued ones. In that order: Gradio's page sends an event's cancels
+    alongside its function, and then a progress message still on its way could land after "Stopped." and stay
+    (the cancel drops the run's own last word)."""
     r = tab.results
 
     def stop_runs(request: gr.Request):
         session = getattr(request, "session_hash", None) or ""
-        n = ctx.jobs.cancel(session)
+        n = ctx.jobs.stop(session, STOP_WAIT)
         log.info("stop: %d run(s) of session %s asked to stop", n, session)
         return ("Stopped." if n else "Nothing to stop."), None
 
-    tab.stop.click(readable(stop_runs), None, [r.status, r.preview], cancels=events, queue=False, api_visibility="private")
+    stopped = tab.stop.click(readable(stop_runs), None, [r.status, r.preview], queue=False, api_visibility="private")
+    stopped.then(None, None, None, cancels=events, queue=False, api_visibility="private")
 
 
 def wire_send_to(tabs: dict[str, Tab], tabs_block: gr.Tabs, extra: tuple = ()) -> None:
