@@ -50,3 +50,24 @@ def test_repaired_targets_move_only_the_speck_and_its_neighbours_onto_the_segmen
     assert repaired[0, 0, :3, :3].all() and repaired.sum() == 9  # the speck and its 8 neighbours
     assert torch.equal(target[0][:, ~repaired[0, 0]], img[:, ~repaired[0, 0]])  # the rest exactly as it was
     assert not torch.equal(target[0, :, 1, 1], img[:, 1, 1])
+
+
+def test_deepen_adds_identity_resnets_so_step_0_encodes_and_decodes_exactly_as_before():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+                        latent_channels=4, mid_block_add_attention=False).eval()
+    deep = V.deepen(vae, 2)
+    assert deep.config.layers_per_block == 2
+    assert [len(b.resnets) for b in deep.decoder.up_blocks] == [3, 3]
+    assert len(V.added_resnets(deep, 1)) == 2
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        assert torch.equal(deep.encode(x).latent_dist.mean, z)
+        assert torch.equal(deep.decode(z).sample, vae.decode(z).sample)
+        # the added ResNets are trainable from there: a change to one changes the output
+        V.added_resnets(deep, 1)[0].conv2.bias.fill_(0.1)
+        assert not torch.equal(deep.decode(z).sample, vae.decode(z).sample)

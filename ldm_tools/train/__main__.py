@@ -54,6 +54,12 @@ def main(argv=None) -> None:
     vd.add_argument("--steps", type=int, default=DecoderConfig.steps)
     vd.add_argument("--minutes", type=float, default=0.0, help="also stop after this many minutes (0 = no limit)")
     vd.add_argument("--export-only", action="store_true", help="write --out from the checkpoint in --work-dir and exit")
+    vd.add_argument("--layers-per-block", type=int, default=DecoderConfig.layers_per_block,
+                    help="more than the loaded VAE's: add ResNets that start as the identity (0 = as loaded)")
+    vd.add_argument("--lr", type=float, default=DecoderConfig.lr, help="the loaded decoder's layers")
+    vd.add_argument("--lr-new", type=float, default=DecoderConfig.lr_new, help="the added ResNets")
+    vd.add_argument("--speck-weight", type=float, default=DecoderConfig.hard_weight,
+                    help="extra loss weight of speck pixels (renders and generated latents alike)")
     ip = sub.add_parser("inpaint", help="train the demo 9-channel inpainting model from the demo U-Net")
     ip.add_argument("--out", default="weights/demo-inpaint")
     ip.add_argument("--work-dir", default="runs/inpaint-v2")
@@ -78,7 +84,9 @@ def main(argv=None) -> None:
                       resume=a.resume or a.export_only, export_only=a.export_only)
         return
     if a.cmd == "vae-decoder":
-        train_decoder(a.out, a.work_dir, dataclasses.replace(DecoderConfig(), steps=a.steps, minutes=a.minutes),
+        cfg = dataclasses.replace(DecoderConfig(), steps=a.steps, minutes=a.minutes, layers_per_block=a.layers_per_block,
+                                  lr=a.lr, lr_new=a.lr_new, hard_weight=a.speck_weight, repair_weight=a.speck_weight)
+        train_decoder(a.out, a.work_dir, cfg,
                       model=a.model, resume=a.resume or a.export_only, export_only=a.export_only)
         return
     if a.cmd == "controlnet":

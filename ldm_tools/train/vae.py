@@ -23,6 +23,11 @@ neighbours, are moved onto it (their nearest blend of the two colours), weighted
 An earlier loss that only penalised every pixel's distance from that segment (commit 36a17dd) lowered the
 counted rate by paling the blob and washing out every colour; anchoring to the truth and to the starting
 output is what keeps the colours.
+
+More capacity (`layers_per_block` above the loaded VAE's, `deepen`): the same VAE with more ResNets per
+block, the added ones starting as the identity, so step 0 decodes exactly as the starting decoder and the
+encoder's latents stay bit-identical (its added ResNets stay the identity: only the decoder trains). The
+added decoder ResNets train at `lr_new`, the starting layers at `lr`.
 """
 from __future__ import annotations
 
@@ -66,6 +71,38 @@ class DecoderConfig:
     repair_weight: float = 30.0
     anchor_weight: float = 1.0
     gen_seed: int = 100_000  # the speck evaluation uses seeds 0..199
+    layers_per_block: int = 0  # > the loaded VAE's: `deepen` it to this (0: as loaded)
+    lr_new: float = 1e-3  # the ResNets `deepen` added (they start as the identity)
+    monitor_every: int = 250
+
+
+def deepen(vae, layers_per_block: int):
+    """A copy of AutoencoderKL `vae` with `layers_per_block` ResNets per encoder block (the decoder has one more
+    per block, from the same field) that encodes and decodes exactly as `vae`: every tensor of `vae` is copied
+    to the same name (the added ResNets come after the existing ones in each block), and each added ResNet has
+    conv2 weight and bias zero. ResnetBlock2D returns (input + conv2(...)) / output_scale_factor, which is 1
+    here, and an added ResNet keeps its block's channel count (no shortcut conv), so it returns its input."""
+    from diffusers import AutoencoderKL
+
+    if layers_per_block <= vae.config.layers_per_block:
+        return vae
+    new = AutoencoderKL.from_config({**dict(vae.config), "layers_per_block": layers_per_block})
+    state, old = new.state_dict(), vae.state_dict()
+    assert old.keys() <= state.keys()
+    for k in state.keys() - old.keys():
+        assert ".resnets." in k, k
+        if ".conv2." in k:
+            state[k] = torch.zeros_like(state[k])
+    n = vae.config.layers_per_block
+    added = [r for b in new.encoder.down_blocks for r in b.resnets[n:]] + added_resnets(new, n)
+    assert all(r.output_scale_factor == 1.0 and r.conv_shortcut is None for r in added)
+    new.load_state_dict({**state, **old})
+    return new.eval().requires_grad_(False)
+
+
+def added_resnets(vae, start_layers: int) -> list:
+    """The decoder ResNets beyond those of a VAE with `start_layers` layers per block (`deepen` added them)."""
+    return [r for b in vae.decoder.up_blocks for r in b.resnets[start_layers + 1:]]
 
 
 def segment_projection(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -129,16 +166,25 @@ def make_data(cfg: DecoderConfig, parts: F.DemoParts, model: str) -> dict:
             "gen_pair": torch.tensor([[cols[k.bg], cols[k.obj if k.obj is not None else k.bg]] for k in ks])}
 
 
-def speck_rates(vae, data: dict, n: int) -> tuple[float, float, float]:
-    """(renders through the VAE, monitor generated latents): fraction of images with a speck, and the round
-    trips' PSNR against the renders (a rate bought by blurring shows here)."""
-    from ..eval.speck import has_speck  # the evaluator's own definition of a speck
+def speck_rates(vae, data: dict, n: int) -> dict:
+    """On the last n renders through the VAE and the last n generated latents (the monitor sets): the
+    fraction of images with a speck, the round trips' PSNR against the renders (a rate bought by blurring
+    shows here) and the colour error of both (washed-out or tinted colours show here)."""
+    from ..eval.speck import colour_error, has_speck  # the evaluator's own definitions
 
     rt = decode_u8(vae, data["latents"][-n:])
     gen = decode_u8(vae, data["gen_latents"][-n:])
     mse = np.mean((rt.astype(np.float64) - data["images"][-n:].numpy()) ** 2)
-    return (float(np.mean([has_speck(im) for im in rt])), float(np.mean([has_speck(im) for im in gen])),
-            float(10 * np.log10(255 ** 2 / mse)))
+    return {"specks_roundtrip": float(np.mean([has_speck(im) for im in rt])),
+            "specks_generated": float(np.mean([has_speck(im) for im in gen])),
+            "roundtrip_psnr": float(10 * np.log10(255 ** 2 / mse)),
+            "colour_error_roundtrip": colour_error(rt), "colour_error_generated": colour_error(gen)}
+
+
+def monitor_line(r: dict) -> str:
+    return ("specks renders-through-VAE / generated (monitor sets) %.3f / %.3f, round-trip PSNR %.2f dB, colour "
+            "error %.1f / %.1f" % (r["specks_roundtrip"], r["specks_generated"], r["roundtrip_psnr"],
+                                   r["colour_error_roundtrip"], r["colour_error_generated"]))
 
 
 @torch.no_grad()
@@ -165,22 +211,28 @@ def train_decoder(out: str | Path = "weights/demo/vae", work_dir: str | Path = "
     vae = parts.vae
     # from the decoder the run starts with (cached: on --resume `model` may already hold this run's output)
     data.update(F.cached(work / "targets.pt", lambda: make_targets(vae, data, cfg)))
+    start = F.cached(work / "start.pt", lambda: {"layers_per_block": vae.config.layers_per_block})
+    vae = deepen(vae, cfg.layers_per_block)
     scale = vae.config.scaling_factor
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    new = {id(p) for r in added_resnets(vae, start["layers_per_block"]) for p in r.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in new], "lr": cfg.lr}]
+    if new:
+        groups.append({"params": [p for p in params if id(p) in new], "lr": cfg.lr_new})
+    base_lr = [g["lr"] for g in groups]  # the warm-up scales these each step (also after --resume)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     n_train = len(data["images"]) - cfg.n_monitor  # the last n_monitor renders and latents only monitor
     n_gen = len(data["gen_latents"]) - cfg.n_monitor
-    monitor = "specks renders-through-VAE / generated (monitor sets) %.3f / %.3f, round-trip PSNR %.2f dB"
     if not resume:
-        F.log(work, "decoder: before: " + monitor % speck_rates(vae, data, cfg.n_monitor))
+        F.log(work, "decoder: before: " + monitor_line(speck_rates(vae, data, cfg.n_monitor)))
 
     def step(i: int) -> torch.Tensor:
         vae.decoder.train()
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (i + 1) / cfg.warmup)
+        for group, lr in zip(opt.param_groups, base_lr):
+            group["lr"] = lr * min(1.0, (i + 1) / cfg.warmup)
         idx = torch.randint(0, n_train, (cfg.batch,), generator=gen)
         x = F.to_unit(data["images"][idx])
         z = data["latents"][idx].float()
@@ -195,10 +247,10 @@ def train_decoder(out: str | Path = "weights/demo/vae", work_dir: str | Path = "
             img = vae.decode(data["gen_latents"][g].float() / scale).sample
             w = 1 + cfg.repair_weight * data["gen_repaired"][g].float()
             loss = loss + cfg.anchor_weight * (w * (img - data["gen_target"][g].float()).abs()).mean()
-        if (i + 1) % 250 == 0:
+        if (i + 1) % cfg.monitor_every == 0:
             with torch.no_grad():
                 vae.decoder.eval()
-                F.log(work, f"decoder step {i + 1}: " + monitor % speck_rates(vae, data, cfg.n_monitor))
+                F.log(work, f"decoder step {i + 1}: " + monitor_line(speck_rates(vae, data, cfg.n_monitor)))
         return loss
 
     modules = {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}
@@ -210,7 +262,7 @@ def train_decoder(out: str | Path = "weights/demo/vae", work_dir: str | Path = "
     else:
         res = F.train_steps(work, "decoder", cfg.steps, cfg.minutes, modules, opt, gen, step)
     vae.eval().requires_grad_(False)
-    res["specks_roundtrip"], res["specks_generated"], res["roundtrip_psnr"] = speck_rates(vae, data, cfg.n_monitor)
+    res.update(speck_rates(vae, data, cfg.n_monitor))
     save(Path(out), vae, cfg, res)
     F.log(work, f"decoder: wrote {out}: {json.dumps(res)}")
     return res
