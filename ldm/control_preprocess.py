@@ -2,6 +2,9 @@
 
 `PREPROCESSORS` is the one table of them (A1111's module names, labels, and each one's settings
 with defaults and ranges) that the library validates against and the UI builds its widgets from.
+A setting left out or given as None takes its default; any other value outside its range is refused.
+`RESOLUTION` is the range of A1111's "preprocessor resolution" (`check_resolution`): maps here are always
+made at the size they are used at (A1111's "pixel perfect"), so callers that take the setting only check it.
 Depth, pose and normal maps need models: make them elsewhere and use "none".
 
 Each function takes an RGB uint8 array (H, W, 3) and its settings and returns a uint8 map of the
@@ -16,6 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from .params import Range, check_int
+
+RESOLUTION = Range(64, 2048)  # A1111's "Preprocessor resolution" slider: the shorter side a map is made at
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,7 @@ class Preprocessor:
     settings: tuple[Setting, ...] = ()
 
     def resolve(self, given: Mapping | None) -> dict:
-        """Defaults filled in, every value checked; unknown names refused."""
+        """Defaults filled in (for names left out or given as None), every value checked; unknown names refused."""
         given = dict(given or {})
         known = {s.name: s for s in self.settings}
         unknown = sorted(set(given) - set(known))
@@ -53,7 +60,7 @@ class Preprocessor:
             allowed = ", ".join(known) or "none"
             raise ValueError(f"preprocessor {self.name!r} has no setting {', '.join(map(repr, unknown))} "
                              f"(its settings: {allowed})")
-        return {name: s.check(given.get(name, s.default)) for name, s in known.items()}
+        return {name: s.check(s.default if given.get(name) is None else given[name]) for name, s in known.items()}
 
 
 def _cv2():
@@ -158,3 +165,9 @@ def preprocess(image: Image.Image, name: str = "none", settings: Mapping | None 
     if out.ndim == 2:
         out = np.repeat(out[:, :, None], 3, axis=2)
     return Image.fromarray(np.ascontiguousarray(out.astype(np.uint8)), "RGB")
+
+
+def check_resolution(value, name: str = "preprocessor resolution") -> None:
+    """A1111's preprocessor resolution, None for unset, or ValueError naming `name`."""
+    if value is not None:
+        check_int(name, value, RESOLUTION, " pixels (the shorter side)")

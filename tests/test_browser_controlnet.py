@@ -125,6 +125,34 @@ def test_canny_guided_generation_through_the_accordion(page, tmp_path):
     assert not page.locator("#txt2img-cn1-enabled input").is_checked()
 
 
+def test_a_preprocessor_shows_its_defaults_and_a_value_out_of_range_is_refused(page, tmp_path):
+    """No hidden "-1 = default": picking canny shows its own defaults, and a typed -1 (or 300, past the track)
+    is refused with ldm's message next to the preview button, the value left as typed."""
+    shapes = tmp_path / "shapes.png"
+    control_image(3, 32, 32).save(shapes)
+    page.locator("#txt2img-controlnet button").first.click()
+    page.locator("#txt2img-cn0-image input[type=file]").set_input_files(str(shapes))
+    page.wait_for_selector("#txt2img-cn0-image img", timeout=10_000)
+    page.click("#txt2img-cn0-preprocessor input")
+    page.get_by_role("option", name="canny edges", exact=True).click()
+    page.wait_for_selector("#txt2img-cn0-setting_a input[type=number]", timeout=10_000)
+    page.wait_for_function("document.querySelector('#txt2img-cn0-setting_a input[type=number]').value === '100'",
+                           timeout=10_000)
+    assert page.input_value("#txt2img-cn0-setting_b input[type=number]") == "200"
+    for slot, value, label in (("setting_a", -1, "Canny low threshold"), ("setting_b", 300, "Canny high threshold")):
+        set_number(page, f"#txt2img-cn0-{slot}", value)
+        time.sleep(0.3)
+        page.click("#txt2img-cn0-preview")
+        page.wait_for_function(f"document.querySelector('#txt2img-cn0-status textarea').value.includes('{label}')",
+                               timeout=20_000)
+        assert f"{label} must be from 1 to 255, got {value}" in page.input_value("#txt2img-cn0-status textarea")
+        assert page.input_value(f"#txt2img-cn0-{slot} input[type=number]") == str(value)
+        set_number(page, f"#txt2img-cn0-{slot}", 100 if slot == "setting_a" else 200)
+    page.click("#txt2img-cn0-preview")  # back in range: the map, and the message gone
+    page.wait_for_selector("#txt2img-cn0-map img", timeout=20_000)
+    page.wait_for_function("document.querySelector('#txt2img-cn0-status textarea').value === ''", timeout=10_000)
+
+
 def _info(text: str):
     from PIL.PngImagePlugin import PngInfo
 

@@ -293,6 +293,7 @@ def sd2_controlnet(tmp_path_factory):
     (dict(image="/no/such/file.png"), "ControlNet image not found"),
     (dict(preprocessor="depth_midas"), "unknown preprocessor 'depth_midas'"),
     (dict(preprocessor="canny", settings={"low": 999}), "Canny low threshold must be from 1 to 255"),
+    (dict(preprocessor="canny", settings={"low": -1}), r"Canny low threshold must be from 1 to 255, got -1"),  # not "default"
     (dict(preprocessor="canny", settings={"sigma": 1}), "has no setting 'sigma'"),
     (dict(resize="stretch"), "unknown ControlNet resize mode"),
     (dict(guess_mode="yes"), "guess_mode must be True or False"),

@@ -143,6 +143,11 @@ def test_inpaint_unit_without_image_uses_the_init_image(server, pipe, cn):
     (dict(model="broken", resize_mode="Stretch"), ["resize_mode"]),
     (dict(model="broken", module="depth_midas"), ["module", "canny"]),
     (dict(model="broken", threshold_a=999), ["threshold"]),
+    # -1 is the extension's "unset" (the module's default); other negatives were quietly the default too
+    (dict(model="broken", threshold_a=-5), ["Canny low threshold must be from 1 to 255, got -5"]),
+    (dict(model="broken", threshold_b=-0.5), ["Canny high threshold must be from 1 to 255, got -0.5"]),
+    (dict(model="broken", processor_res=-2), ["processor_res must be a whole number from 64 to 2048", "got -2"]),
+    (dict(model="broken", processor_res=100_000), ["processor_res", "got 100000"]),
     (dict(model="None"), ["model_list"]),
     (dict(model="broken", image="https://example.com/x.png"), ["URL"]),
 ])
@@ -199,6 +204,20 @@ def test_detect_returns_the_canny_map(server):
     assert np.array_equal(px(res.images[0]), px(preprocess(image, "canny", {"low": 64, "high": 64})))
     bad = post(server, "/controlnet/detect", {"controlnet_module": "pose", "controlnet_input_images": [b64(image)]})
     assert bad.status_code == 422
+    # -1 (the extension's "unset") and null are the module's defaults; any other value out of range is refused.
+    for unset in (-1, None):
+        r = post(server, "/controlnet/detect", {"controlnet_module": "canny", "controlnet_input_images": [b64(image)],
+                                                 "controlnet_threshold_a": unset, "controlnet_threshold_b": unset,
+                                                 "controlnet_processor_res": unset})
+        assert r.status_code == 200, r.text
+        assert np.array_equal(px(decode(r.json()["images"][0])), px(preprocess(image, "canny", {})))
+    for field, value, words in (("controlnet_threshold_a", -5, "Canny low threshold must be from 1 to 255, got -5"),
+                                ("controlnet_threshold_b", 256, "Canny high threshold must be from 1 to 255, got 256"),
+                                ("controlnet_processor_res", 10, "controlnet_processor_res must be a whole number "
+                                                                 "from 64 to 2048")):
+        r = post(server, "/controlnet/detect", {"controlnet_module": "canny", "controlnet_input_images": [b64(image)],
+                                                 field: value})
+        assert r.status_code == 422 and words in r.json()["detail"], r.text
 
 
 def test_jobs_take_controlnet_units_too(server, pipe, cn):

@@ -10,7 +10,7 @@ from ldm.params import (GUIDANCE, HIRES_SCALE, INPAINT_PADDING, MASK_BLUR, OUTPA
                         TILE_OVERLAP, UPSCALE_TILE)
 from ui import brush, choices
 
-pytest.importorskip("gradio")
+gr = pytest.importorskip("gradio")
 
 
 def test_choice_lists_are_ldm_lists():
@@ -70,7 +70,7 @@ def test_every_slider_lets_typed_values_reach_the_rule_that_checks_them(base_pip
     from ui.state import Options, Pipes
 
     demo = build(Pipes(base_pipe, upscale=x4_pipe), Options(outputs=tmp_path))
-    sliders = [b for b in demo.blocks.values() if type(b).__name__ == "Slider"]
+    sliders = [b for b in demo.blocks.values() if isinstance(b, gr.Slider)]
     assert len(sliders) > 40  # sizes, steps, CFG, batch, strengths, hires, inpaint, outpaint, x4 tiles, ControlNet, ...
     for s in sliders:
         assert LIBRARY_RANGE in (s.elem_classes or []), s.label

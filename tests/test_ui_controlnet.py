@@ -81,6 +81,7 @@ def test_img2img_unit_without_an_image_uses_the_tabs_image(ctx, pipe, shapes):
     ({"cn0_weight": 2.5}, "ControlNet unit 0: ControlNet weight must be a number from 0 to 2"),
     ({"cn0_start": 0.5, "cn0_end": 0.5}, "ControlNet unit 0: ControlNet start (0.5) must be before end (0.5)"),
     ({"cn0_setting_a": 300}, "Canny low threshold must be from 1 to 255"),
+    ({"cn0_setting_b": -1}, "Canny high threshold must be from 1 to 255, got -1"),  # was "the default" in silence
     ({"cn0_preprocessor": "depth_midas"}, "unknown preprocessor 'depth_midas'"),
     ({"cn0_control_mode": "Prompt"}, "unknown control mode 'Prompt'"),
 ])
@@ -114,8 +115,15 @@ def test_preview_is_the_preprocessors_map_at_the_generation_size(ctx, shapes):
     want = preprocess(Image.open(shapes).convert("RGB"), "canny", {"low": 50, "high": 150})
     assert got.size == (32, 32) and np.array_equal(np.asarray(got), np.asarray(want))
     assert np.asarray(got).max() == 255  # the shapes have edges
-    big = control.preview(ctx, str(shapes), "none", -1, -1, "just", 64, 48)
+    big = control.preview(ctx, str(shapes), "none", None, None, "just", 64, 48)
     assert big.size == (64, 48)
+    # None is the preprocessor's own default (the API's default for both settings); a negative value is refused.
+    default = preprocess(Image.open(shapes).convert("RGB"), "canny", {"low": 100, "high": 200})
+    assert ldm.PREPROCESSORS["canny"].resolve({}) == {"low": 100, "high": 200}
+    assert np.array_equal(np.asarray(control.preview(ctx, str(shapes), "canny", None, None, "crop", 32, 32)),
+                          np.asarray(default))
+    with pytest.raises(ValueError, match=r"Canny low threshold must be from 1 to 255, got -1"):
+        control.preview(ctx, str(shapes), "canny", -1, None, "crop", 32, 32)
     with pytest.raises(ValueError, match="no control image"):
         control.preview(ctx, None, "canny")
 
@@ -136,6 +144,10 @@ def test_infotext_comes_back_as_the_accordions_values(ctx, shapes):
              'Guidance Start: 0.1, Guidance End: 0.7, Pixel Perfect: True, Control Mode: ControlNet is more important"')
     got = control.infotext_values(a1111)
     assert got["cn1_model"] == "control_v11p_sd15_scribble [d4ba51ff]" and got["cn1_setting_a"] == 20.0
+    assert "cn1_setting_b" not in got  # scribble has one setting
+    # A setting the text does not give comes back as the preprocessor's default (shown), not the slider's old value.
+    canny = control.infotext_values('x\nSteps: 2, Seed: 1, ControlNet 0: "Module: canny, Model: m, Threshold A: 20"')
+    assert (canny["cn0_setting_a"], canny["cn0_setting_b"]) == (20.0, 200)
     assert got["cn1_resize"] == "just" and got["cn1_control_mode"] == "ControlNet is more important"
     assert got["cn0_enabled"] is False and got["cn1_enabled"] is True
     assert control.infotext_values("") == {}
@@ -182,7 +194,12 @@ def test_named_endpoint_takes_the_units_by_keyword(launch_web_app, pipe, shapes)
     params = {p["parameter_name"]: p for p in info}
     assert set(control.param_names()) <= set(params)
     assert all(params[n]["parameter_has_default"] for n in control.param_names())  # optional, images too
+    assert {params[f"cn{i}_setting_{x}"]["parameter_default"] for i in range(control.UNITS) for x in "ab"} == {None}
     kw = dict(prompt="a cube", steps=3, seed=5, width=32, height=32, api_name="/txt2img")
+    # Settings left out: the preprocessor's defaults (None through the slider); -1 is no longer "default" in silence.
+    defaults = client.predict(**kw, cn0_enabled=True, cn0_model="tiny-canny", cn0_image=handle_file(str(shapes)),
+                              cn0_preprocessor="canny")
+    assert "Threshold A: 100.0, Threshold B: 200.0" in defaults[1], defaults[1]
     guided = client.predict(**kw, cn0_enabled=True, cn0_model="tiny-canny", cn0_image=handle_file(str(shapes)),
                             cn0_preprocessor="canny", cn0_setting_a=50, cn0_setting_b=150)
     plain = client.predict(**kw)
@@ -192,6 +209,9 @@ def test_named_endpoint_takes_the_units_by_keyword(launch_web_app, pipe, shapes)
 
     with pytest.raises(AppError, match="ControlNet unit 2: choose a model"):
         client.predict(**kw, cn2_enabled=True, cn2_model="", cn2_image=handle_file(str(shapes)))
+    with pytest.raises(AppError, match=r"ControlNet unit 0: Canny low threshold must be from 1 to 255, got -1"):
+        client.predict(**kw, cn0_enabled=True, cn0_model="tiny-canny", cn0_image=handle_file(str(shapes)),
+                       cn0_preprocessor="canny", cn0_setting_a=-1)
 
 
 def test_cache_does_not_hand_a_new_pipeline_a_released_ones_controlnet(pipe):

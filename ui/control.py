@@ -4,7 +4,8 @@ task, a unit's control-map preview, and an infotext's "ControlNet N" entries -> 
 A generation handler decorated with `takes_units` gets, for each unit i < UNITS, the API parameters
 `cn{i}_enabled`, `cn{i}_model` ("name [hash]" or "name" from the models folder's ControlNet/), `cn{i}_image`,
 `cn{i}_preprocessor` (a name of `ldm.PREPROCESSORS`), `cn{i}_setting_a`/`cn{i}_setting_b` (the preprocessor's
-settings in order, A1111's threshold_a/b; negative = its default), `cn{i}_weight`, `cn{i}_start`, `cn{i}_end`,
+settings in order, A1111's threshold_a/b; None = its default, any other value is checked against its range by
+ldm), `cn{i}_weight`, `cn{i}_start`, `cn{i}_end`,
 `cn{i}_control_mode` (a name of `ldm.CONTROL_MODES`) and `cn{i}_resize` (a key of `ldm.RESIZE_MODES`).
 Every one has a default, so API calls that do not use ControlNet are unchanged. On img2img and inpaint a unit
 without an image uses the tab's image, as A1111's extension does.
@@ -38,8 +39,8 @@ class UnitValues:
     model: str | None = None
     image: Any = None
     preprocessor: str = _UNIT_DEFAULTS["preprocessor"]
-    setting_a: float = -1
-    setting_b: float = -1
+    setting_a: float | None = None  # None: the preprocessor's default
+    setting_b: float | None = None
     weight: float = _UNIT_DEFAULTS["weight"]
     start: float = _UNIT_DEFAULTS["start"]
     end: float = _UNIT_DEFAULTS["end"]
@@ -48,8 +49,9 @@ class UnitValues:
 
 
 FIELDS = tuple(f.name for f in fields(UnitValues))
-_TYPES = {"enabled": "bool", "model": "str | None", "image": "Any", "preprocessor": "str", "setting_a": "float",
-          "setting_b": "float", "weight": "float", "start": "float", "end": "float", "control_mode": "str",
+_TYPES = {"enabled": "bool", "model": "str | None", "image": "Any", "preprocessor": "str",
+          "setting_a": "float | None", "setting_b": "float | None", "weight": "float", "start": "float", "end": "float",
+          "control_mode": "str",
           "resize": "str"}  # the API listing's types
 
 
@@ -89,16 +91,11 @@ def unit_values(given: Mapping[str, Any]) -> list[UnitValues]:
 
 
 def settings_of(preprocessor: str, a: Any, b: Any) -> dict:
-    """setting_a/setting_b -> the preprocessor's settings in order; None or negative = its default."""
+    """setting_a/setting_b -> the preprocessor's settings in order (None: its default; ldm checks the rest)."""
     pre = ldm.PREPROCESSORS.get(preprocessor) if isinstance(preprocessor, str) else None
     if pre is None:
         raise ValueError(f"unknown preprocessor {preprocessor!r}; choose one of: {', '.join(ldm.PREPROCESSORS)}")
-    out = {}
-    for setting, value in zip(pre.settings, (a, b)):
-        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0):
-            continue
-        out[setting.name] = value
-    return out
+    return {setting.name: value for setting, value in zip(pre.settings, (a, b))}
 
 
 def keywords(ctx: Context, pipe: Any, given: Mapping[str, Any], *, init_image: Image.Image | None = None) -> dict:
@@ -134,7 +131,8 @@ def keywords(ctx: Context, pipe: Any, given: Mapping[str, Any], *, init_image: I
     return {"control": [replace(unit, model=ctx.controlnets.get(pipe, entry)) for entry, unit in checked]}
 
 
-def preview(ctx: Context, image: Any, preprocessor: str = "none", setting_a: float = -1, setting_b: float = -1,
+def preview(ctx: Context, image: Any, preprocessor: str = "none", setting_a: float | None = None,
+            setting_b: float | None = None,
             resize: str = "crop", width: Any = 0, height: Any = 0) -> Image.Image:
     """The control map a unit would give the ControlNet, at width x height (0: the image's own size)."""
     picture = load_upload(ctx, image, "control image")
@@ -163,7 +161,9 @@ def infotext_values(text: str) -> dict[str, Any]:
         for name in ("preprocessor", "weight", "start", "end", "control_mode", "resize"):
             if name in u:
                 out[param(i, name)] = u[name]
-        for slot, value in zip(("setting_a", "setting_b"), u.get("settings", {}).values()):
-            out[param(i, slot)] = value
+        pre = ldm.PREPROCESSORS.get(u.get("preprocessor"))
+        given = u.get("settings", {})
+        for slot, setting in zip(("setting_a", "setting_b"), pre.settings if pre is not None else ()):
+            out[param(i, slot)] = given.get(setting.name, setting.default)  # one it does not give: the default, shown
     return out
 

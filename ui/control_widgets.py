@@ -78,9 +78,12 @@ def _unit(ctx: Context, name: str, i: int, models: list[str], note: str, size: t
         model = gr.Dropdown(models, value=models[0] if models else None, label="Model", allow_custom_value=True,
                             elem_id=f"{eid}-model")
         show = gr.Button("💥 Preview map", scale=0, min_width=120, elem_id=f"{eid}-preview")
-    with gr.Row():  # hidden until a preprocessor with settings is chosen (its range: slot_updates); -1 = its default
-        sliders = [library_range(gr.Slider(-1, 255, value=-1, step=1, label=slot, visible=False, elem_id=f"{eid}-{slot}"))
-                   for slot in SLOTS]  # ldm checks each setting's range (ldm.control_preprocess)
+    # Hidden until a preprocessor with settings is chosen, which shows its defaults (slot_updates; a pasted
+    # infotext brings its values, ui.control fills in the defaults of those it does not give). ldm checks each
+    # setting's range (ldm.control_preprocess); the API's default is None: the preprocessor's default.
+    with gr.Row():
+        sliders = [library_range(gr.Slider(0, 255, value=0, step=1, label=slot, visible=False, elem_id=f"{eid}-{slot}"),
+                                 unset=True) for slot in SLOTS]
     with gr.Row():
         weight = slider(CONTROL_WEIGHT, value=d.weight, step=0.05, label="Control weight", elem_id=f"{eid}-weight")
         start = slider(CONTROL_STEPS, value=d.start, step=0.01, label="Starting control step", elem_id=f"{eid}-start")

@@ -12,7 +12,8 @@ Patches (replace a method on one Gradio component instance):
   image, a decompression bomb, text for a number, `Infinity` for a seed: OverflowError) reaches the
   caller as `{"error": null}`. All become a message naming the field: plain text without a toast
   for API clients, escaped in a toast for image uploads (`_input_error`).
-* `library_range(slider)` replaces a Slider's `preprocess` by one without Gradio's range check, for
+* `library_range(slider, unset)` gives a Slider a `preprocess` without Gradio's range check (by making it a
+  subclass that the page still renders as a Slider: Gradio rebuilds an updated component from its class), for
   values whose range the library checks (every slider `ui.ranges` makes: sizes, steps, CFG, batch, strength,
   ...; `ldm` refuses width 7 as "not a multiple of 8", as it refuses 100). Gradio's check would refuse 7
   on a slider starting at 8 before our handler runs, with no word in the page. The page's side: Gradio 6.31's Slider sets a typed value to its range
@@ -61,7 +62,8 @@ API description rewrite (the listing gradio_client users read; calls are unchang
 * `describe_api(demo, docs)` wraps `demo.get_api_info` (what `/gradio_api/info` and the page's
   "Use via API" serve): return values named (`images`, `infotext`, `status`, ... instead of the
   page's labels or `value_41`), the handlers' integer parameters typed `int` (a Slider says
-  float), and image parameters marked required (Gradio lists them as optional: their default is None).
+  float), image parameters marked required (Gradio lists them as optional: their default is None), and
+  the ControlNet settings' default None (Gradio lists the widget's value; a Slider's value is never None).
 
 Attribute added:
 
@@ -117,17 +119,43 @@ def readable_errors(component, name: str):
 LIBRARY_RANGE = "ldm-library-range"  # the elem_class of sliders whose range the library checks
 
 
-def library_range(slider: gr.Slider) -> gr.Slider:
-    """`slider` passing values outside its range on (rounded as Gradio does) for the library to judge;
-    marked with `LIBRARY_RANGE` so the page does not set them to the range either."""
+class _LibraryRangeSlider(gr.Slider):
+    """A Slider passing values outside its range on (rounded as Gradio does) for the library to judge. A
+    class, not a patched instance: after an update of its props (a ControlNet setting's label and range)
+    Gradio 6.31 rebuilds the component for that session from its constructor arguments
+    (`Blocks.postprocess_data`), which would bring back Gradio's own check."""
 
-    def preprocess(payload):
+    accepts_unset = False  # (no __init__ of its own: Gradio filters an update's props by __init__'s signature)
+
+    def get_block_name(self) -> str:  # the page's Slider
+        return "slider"
+
+    def get_block_class(self) -> str:
+        return "slider"
+
+    @classmethod
+    def get_component_class_id(cls) -> str:  # the page loads a component's code by this id
+        return gr.Slider.get_component_class_id()
+
+    def preprocess(self, payload):
+        if payload is None and self.accepts_unset:
+            return None
         if isinstance(payload, bool) or not isinstance(payload, (int, float)):  # as Gradio's check fails
             raise TypeError(f"not a number: {type(payload).__name__}")
-        return gr.Number.round_to_precision(payload, slider.precision)
+        return gr.Number.round_to_precision(payload, self.precision)
 
-    slider.preprocess = preprocess
-    slider.elem_classes = [*(slider.elem_classes or []), LIBRARY_RANGE]
+
+class _UnsetLibraryRangeSlider(_LibraryRangeSlider):
+    accepts_unset = True
+
+
+def library_range(slider: gr.Slider, unset: bool = False) -> gr.Slider:
+    """`slider` passing values outside its range on for the library to judge; marked with `LIBRARY_RANGE` so
+    the page does not set them to the range either. unset: None passes too (an API client's "the default",
+    e.g. a ControlNet preprocessor's setting)."""
+    slider.__class__ = _UnsetLibraryRangeSlider if unset else _LibraryRangeSlider
+    if LIBRARY_RANGE not in (slider.elem_classes or []):
+        slider.elem_classes = [*(slider.elem_classes or []), LIBRARY_RANGE]
     return slider
 
 
@@ -266,9 +294,11 @@ def attach_context(demo: gr.Blocks, ctx: Any) -> gr.Blocks:
 
 
 def describe_api(demo: gr.Blocks, docs: dict[str, tuple[set[str], tuple[str, ...]]],
-                 optional_images: tuple[str, ...] = ()) -> gr.Blocks:
+                 optional_images: tuple[str, ...] = (), unset_defaults: tuple[str, ...] = ()) -> gr.Blocks:
     """docs: api name -> (integer parameter names, return value names); see the notes above.
-    optional_images: image parameters that stay optional (e.g. ControlNet units' images)."""
+    optional_images: image parameters that stay optional (e.g. ControlNet units' images).
+    unset_defaults: parameters whose default is None, whatever their widget shows (a ControlNet unit's
+    settings: None is the preprocessor's own default)."""
     original = demo.get_api_info
 
     def get_api_info(*args, **kwargs):
@@ -281,6 +311,8 @@ def describe_api(demo: gr.Blocks, docs: dict[str, tuple[set[str], tuple[str, ...
                     param["python_type"] = {**param.get("python_type", {}), "type": "int"}
                 if param.get("component") == "Image" and param.get("parameter_name") not in optional_images:
                     param["parameter_has_default"], param["parameter_default"] = False, None
+                if param.get("parameter_name") in unset_defaults:
+                    param["parameter_has_default"], param["parameter_default"] = True, None
             if len(returns) == len(endpoint.get("returns", [])):
                 for value, label in zip(endpoint["returns"], returns):
                     value["label"] = label

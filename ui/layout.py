@@ -167,7 +167,8 @@ def build(pipes: Pipes, options: Options | None = None, models: Models | None = 
         check_image_headers(block)
     describe_api(demo, {**{name: (int_params(handler), Results.API_NAMES) for name, handler in GENERATION.items()},
                         "png_info": (set(), ("infotext",))},
-                 optional_images=tuple(n for n in control.param_names() if n.endswith("_image")))
+                 optional_images=tuple(n for n in control.param_names() if n.endswith("_image")),
+                 unset_defaults=tuple(n for n in control.param_names() if n.endswith(("_setting_a", "_setting_b"))))
     demo.queue(max_size=ctx.options.queue_size, default_concurrency_limit=1)
     return attach_context(demo, ctx)  # for tests and app.py
 

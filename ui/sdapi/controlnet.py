@@ -8,9 +8,12 @@ without one uses the init image), `module` (a preprocessor of `ldm.PREPROCESSORS
 "name [hash]" from the models folder's ControlNet/), `weight`, `guidance_start`, `guidance_end`,
 `control_mode` (0/1/2 or A1111's names, in `ldm.CONTROL_MODES` order), `resize_mode` (0 Just Resize,
 1 Crop and Resize, 2 Resize and Fill, or those names; `ldm.RESIZE_MODES` order), `threshold_a`/`threshold_b`
-(the module's settings in order; negative = default). `processor_res`, `pixel_perfect`, `low_vram`,
-`hr_option` are accepted and ignored: maps are always made at the generation size (pixel perfect), and with
-`enable_hr` the units guide both passes (the extension's "Both"), the second at the hires size.
+(the module's settings in order; -1, the extension's "unset", or null = the module's default; any other value
+outside the setting's range is refused, where the extension quietly used the default for any negative one).
+`processor_res` is checked (-1 or null, or `ldm.control_preprocess.RESOLUTION`) and not used, as `pixel_perfect`,
+`low_vram` and `hr_option`: maps are always made at the generation size (pixel perfect; /controlnet/detect: at
+the images' sizes), and with `enable_hr` the units guide both passes (the extension's "Both"), the second at
+the hires size.
 
 Everything is checked before any model work (weights loaded only for valid units); ControlNets are
 loaded lazily with `ldm.load_controlnet(path, base=pipe)` and kept per pipeline and file.
@@ -25,7 +28,7 @@ from fastapi import APIRouter, Body
 from PIL import Image
 
 import ldm
-from ldm.control_preprocess import preprocess
+from ldm.control_preprocess import check_resolution, preprocess
 
 from ..controlnets import ControlNets, titles, unloaded
 
@@ -43,14 +46,22 @@ def preprocessor(module: Any):
     return ldm.PREPROCESSORS[name]
 
 
+UNSET = -1  # the extension's value for "the module's default" (threshold_a/b, processor_res)
+
+
+def unset(value: Any) -> Any:
+    """The extension's UNSET -> None (ldm's "default"); any other value as given, for ldm to check."""
+    return None if value is None or (value == UNSET and not isinstance(value, bool)) else value
+
+
 def settings_of(pre: Any, a: Any, b: Any) -> dict:
-    """threshold_a/threshold_b -> the preprocessor's settings in order; None or negative = its default."""
-    out = {}
-    for setting, value in zip(pre.settings, (a, b)):
-        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0):
-            continue
-        out[setting.name] = value
-    return out
+    """threshold_a/threshold_b -> the preprocessor's settings in order (UNSET or None: its default)."""
+    return {setting.name: unset(value) for setting, value in zip(pre.settings, (a, b))}
+
+
+def resolution(value: Any, name: str) -> None:
+    """processor_res: UNSET, None or ldm's RESOLUTION (maps are made at the size they are used at)."""
+    check_resolution(unset(value), name)
 
 
 def control_mode(value: Any) -> str:
@@ -124,6 +135,7 @@ def parse_units(ctx: Any, pipe: Any, scripts: Any, decode: Callable[[Any, str], 
             image = init_image
         else:
             image = decode(image, f"{what} image")
+        resolution(arg.get("processor_res"), f"{what}: processor_res")
         fields = dict(weight=arg.get("weight", 1.0), start=arg.get("guidance_start", 0.0),
                       end=arg.get("guidance_end", 1.0), preprocessor=pre.name,
                       resize=resize_mode(arg.get("resize_mode", 1)),
@@ -172,14 +184,15 @@ def add_routes(router: APIRouter, ctx: Any, decode: Callable[[Any, str], Image.I
 
     @router.post("/controlnet/detect", tags=["controlnet"])
     def detect(controlnet_module: str = Body("none"), controlnet_input_images: list[str] = Body([]),
-               controlnet_images: list[str] = Body([]), controlnet_processor_res: int = Body(-1),
-               controlnet_threshold_a: float = Body(-1), controlnet_threshold_b: float = Body(-1),
+               controlnet_images: list[str] = Body([]), controlnet_processor_res: int | None = Body(UNSET),
+               controlnet_threshold_a: float | None = Body(UNSET), controlnet_threshold_b: float | None = Body(UNSET),
                controlnet_masks: list[str] = Body([]), low_vram: bool = Body(False)) -> dict:
         """Run a preprocessor on each image; the maps come back base64 PNG at the images' sizes."""
         images = controlnet_input_images or controlnet_images  # webuiapi sends the older name
 
         def run() -> list[Image.Image]:
             pre = preprocessor(controlnet_module)
+            resolution(controlnet_processor_res, "controlnet_processor_res")
             if not images:
                 raise ValueError("no image: send controlnet_input_images (base64)")
             settings = pre.resolve(settings_of(pre, controlnet_threshold_a, controlnet_threshold_b))
