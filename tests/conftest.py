@@ -2,6 +2,7 @@ import contextlib
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,14 @@ def launched(demo):
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """Type `value` into the number box of the slider with `elem_id` in a Playwright page, as a user would."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+    time.sleep(0.3)
 
 
 # Tiny models gain nothing from threads, and spinning OpenMP threads collapse when the cores are busy.

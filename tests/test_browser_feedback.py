@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, launched
+from conftest import CHROMIUM, launched, set_number
 
 pytestmark = pytest.mark.browser
 
@@ -36,13 +36,6 @@ def wait_status(page, tab: str, prefix: str, timeout: float = 30_000) -> str:
     page.wait_for_function(
         f"document.querySelector('#{tab}-status textarea').value.startsWith({prefix!r})", timeout=timeout)
     return status_of(page, tab)
-
-
-def set_number(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    time.sleep(0.3)
 
 
 def test_ui_only_errors_appear_in_the_status_line(page, tmp_path):

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, launched
+from conftest import CHROMIUM, launched, set_number
 
 import tiny
 
@@ -33,13 +33,6 @@ def url(base_pipe, tmp_path_factory):
     demo = build(Pipes(base_pipe, upscale=x4), Options(outputs=tmp_path_factory.mktemp("typed-outputs"), preview_every=0))
     with launched(demo) as url:
         yield url
-
-
-def set_number(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    time.sleep(0.3)
 
 
 def number(page, elem_id: str) -> str:

@@ -13,7 +13,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, launched
+from conftest import CHROMIUM, launched, set_number
 
 pytestmark = pytest.mark.browser
 
@@ -30,13 +30,6 @@ def url(base_pipe, tmp_path_factory):
     demo = build(Pipes(base_pipe), Options(outputs=tmp_path_factory.mktemp("upscale-outputs"), preview_every=0))
     with launched(demo) as url:
         yield url
-
-
-def set_number(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    time.sleep(0.3)
 
 
 def wait_done(page, tab: str) -> str:
