@@ -31,6 +31,7 @@ import ldm
 from ldm.denoise import StepCallback
 from ui.backend import Backend, Call, ReplicaDied
 
+from . import leftovers
 from .config import LOCAL_OBJECT_STORE_BYTES, PlacementError, ScaleOut, machine_cpus
 from .replica import Done, Failed, Generator, LoadSettings, Progress, Started, model_id
 from .service import APP_PREFIX
@@ -162,6 +163,7 @@ class RayBackend(Backend):
         """Delete our Serve applications; stop Serve and Ray too if this process started them."""
         if not ray.is_initialized():
             return
+        ours = leftovers.ray_descendants() if self.started_ray else []
         try:
             if self.started_ray:
                 serve.shutdown()
@@ -172,6 +174,7 @@ class RayBackend(Backend):
             log.warning("Ray Serve did not shut down cleanly", exc_info=True)
         finally:
             ray.shutdown()
+            leftovers.stop(ours)
 
     # ---- Backend -------------------------------------------------------------------------------
 
