@@ -59,6 +59,9 @@ class RayBackend(Backend):
         self.handles: dict[str, Any] = {}
         self.lock = threading.Lock()
         self.serving: dict[int, Started] = {}  # request number -> the replica process running it
+        # our own Ray's processes, recorded while they are still our descendants: Ray's own exit hook may shut
+        # it down before `close` runs, which orphans the raylet's agents (scaleout.leftovers)
+        self.ray_processes: list = []
         self.numbers = iter(range(1, 1 << 62))
         kinds = [kind for kind, pipe in pipes.items() if pipe is not None]
         self.start_ray(len(kinds))
@@ -80,6 +83,7 @@ class RayBackend(Backend):
                                                route_prefix=None)
                 self.apps.append(app)
                 log.info("Ray Serve: %s deployment up (%s)", kind, self.describe())
+            self.record_ray_processes()
         except BaseException:
             self.close()
             raise
@@ -161,20 +165,26 @@ class RayBackend(Backend):
 
     def close(self) -> None:
         """Delete our Serve applications; stop Serve and Ray too if this process started them."""
-        if not ray.is_initialized():
-            return
-        ours = leftovers.ray_descendants() if self.started_ray else []
-        try:
-            if self.started_ray:
-                serve.shutdown()
-            else:
-                for app in self.apps:
-                    serve.delete(app)
-        except Exception:  # noqa: BLE001 - shutting down anyway
-            log.warning("Ray Serve did not shut down cleanly", exc_info=True)
-        finally:
-            ray.shutdown()
-            leftovers.stop(ours)
+        if ray.is_initialized():
+            self.record_ray_processes()
+            try:
+                if self.started_ray:
+                    serve.shutdown()
+                else:
+                    for app in self.apps:
+                        serve.delete(app)
+            except Exception:  # noqa: BLE001 - shutting down anyway
+                log.warning("Ray Serve did not shut down cleanly", exc_info=True)
+            finally:
+                ray.shutdown()
+        leftovers.stop(self.ray_processes)
+        self.ray_processes = []
+
+    def record_ray_processes(self) -> None:
+        """Remember our own Ray's processes (none on a cluster we joined: not ours to stop)."""
+        if self.started_ray:
+            known = {p.pid for p in self.ray_processes}
+            self.ray_processes += [p for p in leftovers.ray_descendants() if p.pid not in known]
 
     # ---- Backend -------------------------------------------------------------------------------
 
