@@ -30,6 +30,7 @@ def test_app_starts_serves_and_stops_its_ray(tmp_path):
                              "--no-save", "--models-dir", str(tmp_path / "models")], cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT)
     tree: list = []
+    exited = "still running"
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -53,15 +54,19 @@ def test_app_starts_serves_and_stops_its_ray(tmp_path):
         assert "Ray Serve, 2 replica(s) per model kind, local Ray on 127.0.0.1" in log_text
     finally:
         proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
         try:
             proc.wait(120)
+            exited = f"exited with {proc.returncode} {time.monotonic() - t0:.0f} s after SIGINT"
         except subprocess.TimeoutExpired:
             proc.kill()
+            exited = "killed: no exit within 120 s of SIGINT"
         gone, alive = psutil.wait_procs(tree, timeout=60)
         alive = [p for p in alive if _running(p)]  # a zombie has exited: reaping it is init's job
         for p in alive:
             p.kill()
-    assert not alive, f"Ray processes left after the app stopped: {[(p.pid, p.name()) for p in alive]}"
+    assert not alive, (f"Ray processes left after the app stopped ({exited}): {[(p.pid, p.name()) for p in alive]}\n"
+                       + (tmp_path / "app.log").read_text()[-3000:])
 
 
 def _running(p) -> bool:
