@@ -2,9 +2,9 @@
 
 `ray.shutdown()` stops the processes the driver started (GCS, raylet, ...). The raylet's own children (the
 dashboard agent, the runtime-env agent) are meant to notice their parent's death and exit, but one that is
-busy reporting the raylet's death to a GCS that is already gone can stay for minutes: seen once in CI,
-still running 60 s after the app had stopped. So the app collects its descendants before the shutdown and
-ends whatever is left after a grace period. Zombies (exited, waiting for an init that does not reap them)
+busy reporting the raylet's death to a GCS that is already gone can stay for minutes: seen twice in CI,
+still running 60 s after the app had stopped. So the backend records its Ray descendants while they are
+still its descendants (`RayBackend.record_ray_processes`) and ends whatever is left after a grace period. Zombies (exited, waiting for an init that does not reap them)
 count as gone: they hold nothing but a process-table entry.
 """
 from __future__ import annotations

@@ -18,6 +18,8 @@ pytestmark = pytest.mark.slow
 keep_local_ray_on_loopback()  # before Ray is imported
 pytest.importorskip("ray", reason="the Ray backend needs requirements-ray.txt")
 psutil = pytest.importorskip("psutil")
+
+from scaleout import leftovers  # noqa: E402  (imports ray: after keep_local_ray_on_loopback)
 requests = pytest.importorskip("requests")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,15 +64,8 @@ def test_app_starts_serves_and_stops_its_ray(tmp_path):
             proc.kill()
             exited = "killed: no exit within 120 s of SIGINT"
         gone, alive = psutil.wait_procs(tree, timeout=60)
-        alive = [p for p in alive if _running(p)]  # a zombie has exited: reaping it is init's job
+        alive = leftovers.running(alive)  # a zombie has exited: reaping it is init's job
         for p in alive:
             p.kill()
     assert not alive, (f"Ray processes left after the app stopped ({exited}): {[(p.pid, p.name()) for p in alive]}\n"
                        + (tmp_path / "app.log").read_text()[-3000:])
-
-
-def _running(p) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
