@@ -47,6 +47,68 @@ def set_number(page, elem_id: str, value) -> None:
     time.sleep(0.3)
 
 
+NEXT_FRAME = "() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))"
+
+
+def _canvas_shot(canvas):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB")).astype(int)
+
+
+def _brush_ring(page, editor: str) -> tuple[float | None, bool, tuple[float, float]]:
+    """(radius in screen px, dot shown, the picture's half width and height on screen) of the ring Gradio's
+    image editor draws around the pointer for its brush, from two shots with the pointer at the middle of
+    the canvas and 6 px right of it: what differs is the ring and its centre dot at both places. The
+    radius is None when only the dots show (a white ring past the picture is invisible on the white
+    canvas). The pointer cannot hide the ring: it stays where it was when the pointer leaves the canvas."""
+    import numpy as np
+
+    canvas = page.locator(f"{editor} canvas").first
+    box = canvas.bounding_box()
+    x, y = box["width"] / 2, box["height"] / 2
+    shots = []
+    for dx in (0, 6):
+        page.mouse.move(box["x"] + x + dx - 1, box["y"] + y)
+        page.mouse.move(box["x"] + x + dx, box["y"] + y)
+        page.evaluate(NEXT_FRAME)
+        shots.append(_canvas_shot(canvas))
+    page.mouse.move(5, 5)
+    ys, xs = np.nonzero(np.abs(shots[0] - shots[1]).sum(-1) > 60)
+    distance = np.hypot(xs - (x + 3), ys - y)  # from between the two centres: the rings' sides average out
+    ring = distance[distance > 7]
+    row, column = shots[0][shots[0].shape[0] // 2], shots[0][:, shots[0].shape[1] // 2]
+    half = (float((row.min(-1) < 250).sum() / 2), float((column.min(-1) < 250).sum() / 2))  # not the white canvas
+    return (float(np.median(ring)) if len(ring) > 20 else None), bool((np.hypot(xs - x, ys - y) <= 2).any()), half
+
+
+def wait_for_brush(page, radius: float, editor: str = "#inpaint-editor", timeout: float = 60) -> None:
+    """Until the editor's brush is `radius` px of the picture, as the ring around the pointer shows it
+    (Gradio 6.31 applies a new brush only after exporting the editor's picture: seconds for a large one).
+    A ring past the picture's corners counts once only its centre dot shows."""
+    import math
+
+    zoom = float(page.inner_text(f"{editor} .zoom-number").strip().rstrip("%")) / 100
+    expected = radius * zoom  # screen px
+    deadline = time.monotonic() + timeout
+    seen = half = None
+    while time.monotonic() < deadline:
+        seen, dot, half = _brush_ring(page, editor)
+        if dot and min(half) > 0:
+            if expected > math.hypot(*half) + 3:
+                if seen is None:
+                    return
+            elif seen is not None and abs(seen - expected) <= 2 + 0.03 * expected:
+                return
+        time.sleep(0.2)
+    ring = "not drawn past its centre dot" if seen is None else f"{seen:.1f} px"
+    raise AssertionError(f"the editor's brush ring is {ring}, not {expected:.1f} px (radius {radius} at zoom "
+                         f"{zoom:.2f}; the picture's half width and height {half} px) after {timeout} s")
+
+
 # Tiny models gain nothing from threads, and spinning OpenMP threads collapse when the cores are busy.
 torch.set_num_threads(int(os.environ.get("LDM_TEST_THREADS", "1")))
 

@@ -13,7 +13,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, launched
+from conftest import CHROMIUM, launched, wait_for_brush
 
 pytestmark = pytest.mark.browser
 
@@ -67,7 +67,7 @@ def test_brush_fits_the_picture_and_the_mask_shows_what_is_under_it(page, tmp_pa
     editor.locator("input[type=file]").first.set_input_files(str(source))
     page.wait_for_function("document.querySelector('#inpaint-brush-size input[type=number]').value === '4'",
                            timeout=10_000)
-    time.sleep(2)  # the picture is drawn after the upload
+    wait_for_brush(page, 4)  # the picture is drawn and the fitted brush applied (after the number)
 
     # Fitted: the whole picture is inside the box and fills its height.
     pixels = shot(editor)
@@ -87,7 +87,7 @@ def test_brush_fits_the_picture_and_the_mask_shows_what_is_under_it(page, tmp_pa
     box = page.locator("#inpaint-brush-size input[type=number]")
     box.fill("10")
     box.press("Enter")
-    time.sleep(1)
+    wait_for_brush(page, 10)
     stroke(page, editor, 0.2)
     thick = painted_rows(shot(editor)[pixels.shape[0] // 2:], x)
     assert 2 * thin <= thick <= 3 * thin, (thin, thick)

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, launched, set_number
+from conftest import CHROMIUM, launched, set_number, wait_for_brush
 
 import tiny
 
@@ -50,7 +50,8 @@ def clear_status(page, tab: str) -> None:
 
 
 def open_in_editor(page, path, brush: int) -> None:
-    """The inpaint tab with `path` in its editor, once the brush has been fitted to it (`brush` px)."""
+    """The inpaint tab with `path` in its editor, once the brush has been fitted to it (`brush` px) and the
+    picture is drawn (the ring around the pointer shows the brush over it)."""
     page.get_by_role("tab", name="Inpaint").click()
     editor = page.locator("#inpaint-editor")
     editor.locator("canvas").first.wait_for(timeout=30_000)
@@ -58,7 +59,7 @@ def open_in_editor(page, path, brush: int) -> None:
     editor.locator("input[type=file]").first.set_input_files(str(path))
     page.wait_for_function(f"document.querySelector('#inpaint-brush-size input[type=number]').value === '{brush}'",
                            timeout=60_000)  # ~9 s for a 1024 px picture on an idle machine (the editor exports it)
-    time.sleep(2)  # the picture is drawn after the upload
+    wait_for_brush(page, brush)  # the number comes first: the editor exports its picture again before the brush
 
 
 def canvas_shot(page) -> np.ndarray:
@@ -83,6 +84,7 @@ def test_inpaint_values_past_the_tracks_are_used_or_refused_by_ldm(page, tmp_pat
     Image.new("RGB", (64, 64), PURPLE).save(picture)
     open_in_editor(page, picture, 4)
     set_number(page, "inpaint-brush-size", 64)  # one dab masks the whole picture (a blurred full mask stays full)
+    wait_for_brush(page, 64)
     dab(page)
     page.fill("#inpaint-prompt textarea", "a green square")
     set_number(page, "inpaint-steps", 2)
@@ -148,9 +150,15 @@ def test_brush_radius_is_used_as_typed_past_the_track_and_refused_outside_its_ra
         assert number(page, "inpaint-brush-size") == str(bad)
 
     # 300 past the track's 256: a dab 600 px of the 1024 px picture across (256 would be 512, the brush 64 is 128).
-    set_number(page, "inpaint-brush-size", 300)
+    # Typed key by key: "3" is applied for seconds (the editor exports its picture first) while "30" and "300"
+    # come; the last one must reach the brush, not be dropped for the pending "3".
+    box = page.locator("#inpaint-brush-size input[type=number]")
+    box.select_text()
+    box.press_sequentially("300", delay=50)
+    box.press("Enter")
     page.locator("body").click(position={"x": 5, "y": 5})  # the box loses focus: still 300
     assert number(page, "inpaint-brush-size") == "300"
+    wait_for_brush(page, 300)
     before = canvas_shot(page)
     dab(page)
     after = canvas_shot(page)

@@ -10,6 +10,13 @@ picture's size there. Gradio 6.31's editor also reports a sent picture as an upl
 event with the editor as output covers the editor with its progress overlay until the answer comes
 (seconds under load: the editor exports its layers first), which swallowed a person's first strokes;
 so the upload fit shows no progress and changes nothing when the brush already fits.
+
+A typed radius reaches the brush seconds later on a large picture: Gradio 6.31 applies an update of the
+editor's props only after exporting and uploading the editor's picture and layers (its `update_state`
+refreshes the value first). The ring the editor draws around the pointer shows the brush in use. A
+value typed meanwhile ("30", then "300", while "3" is being applied) is sent once the pending one is
+done (`trigger_mode="always_last"`; the default "once" dropped it, leaving a 3 px brush under a number
+reading 300), and the number's event never fails, since Gradio drops a deferred value after a failure.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from ldm.params import Range
 
 from .convert import as_int
 from .editor import editor_image
-from .errors import explain, readable
+from .errors import failed_text, readable
 from .gradio_compat import image_size
 from .ranges import slider
 
@@ -58,6 +65,15 @@ def set_size(value: Any) -> gr.ImageEditor:
     return gr.ImageEditor(brush=brush(n))
 
 
+def typed_size(value: Any) -> tuple[Any, Any]:
+    """The brush-size number -> (editor update, status line): the brush, or the status line saying why
+    not (`set_size`'s message; the brush keeps its size)."""
+    try:
+        return set_size(value), gr.skip()
+    except ValueError as exc:
+        return gr.skip(), failed_text(exc)
+
+
 def sent(path: str) -> tuple[gr.ImageEditor, int]:
     """A picture file sent into the editor -> (editor update: the picture and its brush, brush-size number)."""
     n = size_for(*image_size(path))
@@ -83,5 +99,5 @@ def wire_brush(editor: gr.ImageEditor, size: gr.Slider, status: gr.Textbox) -> N
     tab's `status` line why it cannot."""
     editor.upload(readable(fit), [editor, size], [size, editor], queue=False, show_progress="hidden",
                   api_visibility="private")
-    typed = size.input(readable(set_size), size, editor, queue=False, show_progress="hidden", api_visibility="private")
-    typed.failure(explain(set_size), size, status, queue=False, api_visibility="private")
+    size.input(readable(typed_size), size, [editor, status], queue=False, show_progress="hidden",
+               trigger_mode="always_last", api_visibility="private")
