@@ -45,6 +45,10 @@ INPAINT_PADDING = Range(0, math.inf)  # "only masked": around the mask's box, wh
 OUTPAINT_SIDE = Range(0, math.inf)  # added on one side; the whole canvas is bounded by the input-image pixel limit
 UPSCALE_TILE = Range(8, math.inf)  # the x4 upscaler's tile side (None: automatic); one past the image is one piece
 TILE_OVERLAP = Range(0, math.inf)  # between x4 tiles; with a tile size given, also at most half of it
+# Tiles ldm picks (tile size None, or halved after running out of memory) overlap by at most this share of
+# their side: a larger overlap asked for is lowered to it, with a warning in the log and the overlap used
+# in the infotext.
+AUTO_TILE_OVERLAP = 1 / 4
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import pytest
 import ldm
 import tiny
 from ldm.masks import InpaintArea, MaskedContent
-from ldm.params import (GUIDANCE, HIRES_SCALE, INPAINT_PADDING, MASK_BLUR, OUTPAINT_SIDE, REFINER_SWITCH, STRENGTH,
-                        TILE_OVERLAP, UPSCALE_TILE)
+from ldm.params import (AUTO_TILE_OVERLAP, GUIDANCE, HIRES_SCALE, INPAINT_PADDING, MASK_BLUR, OUTPAINT_SIDE,
+                        REFINER_SWITCH, STRENGTH, TILE_OVERLAP, UPSCALE_TILE)
 from ui import brush, choices
 
 gr = pytest.importorskip("gradio")
@@ -87,6 +87,8 @@ def test_every_slider_lets_typed_values_reach_the_rule_that_checks_them(base_pip
         s = one(demo, elem_id=elem_id)
         assert s.minimum == allowed.low and s.maximum <= allowed.high and s.preprocess(s.maximum + 1) == s.maximum + 1
     assert one(demo, elem_id="upscale-tile-size").minimum == 0 < UPSCALE_TILE.low
+    # ldm lowers a larger overlap for the tiles it picks (tile size 0): the field says so, from ldm's table.
+    assert f"With tile size 0, at most {AUTO_TILE_OVERLAP:.0%} of the tile" in one(demo, elem_id="upscale-tile-overlap").info
     assert one(demo, elem_id="inpaint-brush-size").preprocess(brush.MAX_SIZE + 1) == brush.MAX_SIZE + 1
 
 

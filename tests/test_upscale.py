@@ -2,6 +2,7 @@
 import contextlib
 import ctypes
 import gc
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import tiny
 from ldm import samplers, tiling
 from ldm.tasks import upscale_x4 as up
 from ldm.latents import decode, encode, generators
+from ldm.params import AUTO_TILE_OVERLAP
 from ldm import ModelLoadError
 
 TOL = 2  # per-pixel, out of 255
@@ -226,7 +228,24 @@ def test_auto_tiles_fit_the_memory_budget(local_pipe):
     assert growth_mb <= budget_mb, f"peak RSS grew {growth_mb:.0f} MB with a {budget_mb} MB budget"
 
 
-def test_out_of_memory_retries_with_smaller_tiles(local_pipe):
+def test_automatic_tiles_lower_a_larger_overlap_and_say_so(local_pipe, caplog):
+    budget = up.tile_bytes(local_pipe, 24, 24, 1, False)  # room for a tile of about 24 of the 48 pixels
+    tile = up.choose_tile(local_pipe, 48, 48, 1, False, budget=budget)
+    assert tile is not None and tile < 48
+    used = int(tile * AUTO_TILE_OVERLAP)
+    with caplog.at_level(logging.WARNING, logger=up.__name__):
+        result = local_pipe.upscale(noise_image(48, 48), steps=1, seed=1, guidance_scale=1.0, tile_overlap=100,
+                                    memory_budget_mb=budget / 2**20)
+    assert f"Upscale tile: {tile}, Upscale tile overlap: {used}" in result.infotexts[0]
+    assert f"tile_overlap 100 is more than {AUTO_TILE_OVERLAP:.0%} of the automatic {tile}-pixel tile: using {used}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=up.__name__):  # one that fits is used as given, without a word
+        result = local_pipe.upscale(noise_image(48, 48), steps=1, seed=1, guidance_scale=1.0, tile_overlap=2,
+                                    memory_budget_mb=budget / 2**20)
+    assert f"Upscale tile: {tile}, Upscale tile overlap: 2" in result.infotexts[0] and "tile_overlap" not in caplog.text
+
+
+def test_out_of_memory_retries_with_smaller_tiles(local_pipe, caplog):
     sizes = []
 
     def fail_big(module, args):
@@ -236,9 +255,11 @@ def test_out_of_memory_retries_with_smaller_tiles(local_pipe):
 
     hook = local_pipe.unet.register_forward_pre_hook(fail_big)
     try:
-        result = local_pipe.upscale(noise_image(48, 48), steps=1, seed=1, guidance_scale=1.0, tile_overlap=32)
+        with caplog.at_level(logging.WARNING, logger=up.__name__):
+            result = local_pipe.upscale(noise_image(48, 48), steps=1, seed=1, guidance_scale=1.0, tile_overlap=32)
         assert sizes[0] == 48 and set(sizes[1:]) == {24}  # whole image failed, then 24-pixel tiles
         assert "Upscale tile: 24, Upscale tile overlap: 6" in result.infotexts[0]  # overlap capped at a quarter
+        assert f"tile_overlap 32 is more than {AUTO_TILE_OVERLAP:.0%} of the halved 24-pixel tile: using 6" in caplog.text
         assert result.images[0].size == (192, 192)
     finally:
         hook.remove()

@@ -15,8 +15,8 @@ from typing import Any
 import gradio as gr
 
 from ldm import samplers
-from ldm.params import (GUIDANCE, HIRES_SCALE, INPAINT_PADDING, MASK_BLUR, OUTPAINT_SIDE, STRENGTH, TILE_OVERLAP,
-                        UPSCALE_TILE, Range)
+from ldm.params import (AUTO_TILE_OVERLAP, GUIDANCE, HIRES_SCALE, INPAINT_PADDING, MASK_BLUR, OUTPAINT_SIDE, STRENGTH,
+                        TILE_OVERLAP, UPSCALE_TILE, Range)
 
 from . import brush, choices
 from .control_widgets import control_accordion
@@ -29,6 +29,10 @@ from .streaming import Output, Step, done_text, progress_text
 from .tasks import BATCH_COUNT, RESIZE_SCALE
 
 NOISE_LEVEL = 20  # the Upscale tab's default noise level for the x4 model (diffusers' default)
+# What ldm does with the x4 overlap for tiles it picks (ldm.params), where people set it; a value past
+# ldm's rules for a given tile size is refused with its message.
+TILE_OVERLAP_INFO = (f"Input pixels. With tile size 0, at most {AUTO_TILE_OVERLAP:.0%} of the tile picked "
+                     "(the infotext shows the overlap used).")
 
 
 @dataclass
@@ -284,7 +288,8 @@ def upscale_tab(ctx: Context) -> Tab:
                                             step=pipe.limits.size_step,
                                             label="Tile size (0 = auto)", elem_id="upscale-tile-size")
                     f["tile_overlap"] = slider(TILE_OVERLAP, drag_top=TILE_OVERLAP_DRAG_TOP, value=32, step=8,
-                                               label="Tile overlap", elem_id="upscale-tile-overlap")
+                                               label="Tile overlap", elem_id="upscale-tile-overlap",
+                                               info=TILE_OVERLAP_INFO)
                 with gr.Row():
                     f["noise_level"] = noise_level_field(ctx.pipes.upscale)
                     f["strength"] = strength_field(0.5, "Denoising strength (hires fix)" if x4 else "Denoising strength",

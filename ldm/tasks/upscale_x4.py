@@ -21,7 +21,7 @@ from ..extensions import UNetInputs
 from ..faults import OutOfMemory, free_memory, is_out_of_memory
 from ..guidance import uses_cfg
 from ..latents import seeded_noise
-from ..params import TILE_OVERLAP, UPSCALE_TILE, GenerationParams, Range, check_int
+from ..params import AUTO_TILE_OVERLAP, TILE_OVERLAP, UPSCALE_TILE, GenerationParams, Range, check_int
 from ..resize import check_output, check_scale
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,9 @@ def upscale(model: Model, image, prompt: str = "", *, noise_level: int = 20, til
     tile_size/tile_overlap are in input pixels; tile_size=None picks tiles from the memory budget
     (`memory_budget_mb`, else the model's `options.memory_budget_mb`, else free GPU memory / a CPU default) and
     runs in one piece when the whole image fits. Running out of memory retries with half the tile.
-    Tiles chosen automatically (by budget or retry) overlap by at most a quarter of their side.
+    Tiles chosen automatically (by budget or retry) overlap by at most a quarter of their side
+    (`ldm.params.AUTO_TILE_OVERLAP`): a larger tile_overlap is lowered to that, with a warning in the
+    log; the infotext records the overlap used.
     """
     require(model, ModelKind.UPSCALE, "upscale")
     low = imgs.load_image(image)
@@ -73,14 +75,14 @@ def upscale(model: Model, image, prompt: str = "", *, noise_level: int = 20, til
     if tile_size is None:
         budget = _budget_bytes(model, memory_budget_mb)
         tile = choose_tile(model, h, w, p.batch_size, uses_cfg(p.guidance_scale), budget)
-        plan = TilePlan(tile, tile_overlap if tile is None else min(tile_overlap, tile // 4))
+        plan = TilePlan(tile, tile_overlap) if tile is None else _auto_plan(tile, tile_overlap, "automatic")
     while True:
         try:
             return _upscale_tiles(model, p, pixels, noise_level, plan, callback, extensions)
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):  # the engine reports it as ldm.faults.OutOfMemory
                 raise
-            plan = _smaller(model, plan, h, w, exc)
+            plan = _smaller(model, plan, h, w, exc, tile_overlap)
 
 
 def _upscale_params(model: Model, prompt: str, settings: dict, out: tuple[int, int]) -> GenerationParams:
@@ -200,8 +202,18 @@ def _budget_bytes(model, memory_budget_mb: float | None) -> int:
     return DEFAULT_CPU_BUDGET_MB * 2**20
 
 
-def _smaller(model, plan: TilePlan, h: int, w: int, exc: BaseException) -> TilePlan:
-    """The next plan after running out of memory: half the tile, overlap capped at a quarter of that."""
+def _auto_plan(tile: int, overlap: int, why: str) -> TilePlan:
+    """A tile ldm picked (`why`: how) with the caller's overlap, lowered to AUTO_TILE_OVERLAP of the tile
+    when larger, which the log says."""
+    top = int(tile * AUTO_TILE_OVERLAP)
+    if overlap > top:
+        log.warning("tile_overlap %d is more than %.0f%% of the %s %d-pixel tile: using %d", overlap,
+                    AUTO_TILE_OVERLAP * 100, why, tile, top)
+    return TilePlan(tile, min(overlap, top))
+
+
+def _smaller(model, plan: TilePlan, h: int, w: int, exc: BaseException, overlap: int) -> TilePlan:
+    """The next plan after running out of memory: half the tile, with the caller's `overlap` as for automatic tiles."""
     free_memory()
     align = _tile_align(model)
     current = plan.tile or max(h, w)
@@ -211,4 +223,4 @@ def _smaller(model, plan: TilePlan, h: int, w: int, exc: BaseException) -> TileP
             f"out of memory even with {current}-pixel tiles; free memory, lower batch_size, or use a smaller image"
         ) from exc
     log.warning("out of memory upscaling with %d-pixel tiles; retrying with %d", current, tile)
-    return TilePlan(tile, min(plan.overlap, tile // 4))
+    return _auto_plan(tile, overlap, "halved")
