@@ -4,6 +4,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -28,6 +29,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def browser_missing() -> str | None:
+    """Why browser tests cannot run here (Debian's Chromium or the playwright package missing), or None."""
+    if not CHROMIUM.exists():
+        return f"browser tests need Chromium at {CHROMIUM}"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "browser tests need the playwright package"
+    return None
+
+
 @contextlib.contextmanager
 def launched(demo):
     """`demo` (a built Gradio app) served on a free loopback port; yields its URL and closes it afterwards."""
@@ -37,6 +49,28 @@ def launched(demo):
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+class Served(NamedTuple):
+    url: str
+    demo: Any
+    outputs: Path
+
+
+@contextlib.contextmanager
+def served_ui(tmp_path_factory, pipes, outputs: str, models=None, **options):
+    """The app's UI (`ui.build`) for `pipes` (a pipeline or a `ui.state.Pipes`) and `models`, with
+    `Options(**options)` and its outputs in a new temporary folder named `outputs`, on a free loopback
+    port: yields Served(url, demo, outputs folder) and closes it afterwards."""
+    from ui import build
+    from ui.state import Options, Pipes
+
+    folder = tmp_path_factory.mktemp(outputs)
+    demo = build(pipes if isinstance(pipes, Pipes) else Pipes(pipes), Options(outputs=folder, **options),
+                 *([] if models is None else [models]))
+    del pipes, models  # the demo holds them (a checkpoint switch can free the first pipeline)
+    with launched(demo) as url:
+        yield Served(url, demo, folder)
 
 
 def set_number(page, elem_id: str, value) -> None:
@@ -137,6 +171,15 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: load test, minutes (CI runs it as a separate step: -m slow)")
 
 
+def pytest_collection_modifyitems(config, items):
+    # The one skip rule for tests marked `browser` (every tests/test_browser_*.py module is): no Chromium or
+    # no playwright, no browser test, with the reason.
+    marked = [item for item in items if item.get_closest_marker("browser")]
+    reason = browser_missing() if marked else None
+    for item in marked if reason else ():
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
 # ---- web server tests (tests/test_web_*.py, tests/test_load.py) ----------------------------------
 
 
@@ -157,10 +200,11 @@ class WebApp:
 @pytest.fixture(scope="module")
 def browser():
     """Debian's Chromium through Playwright, for a module's browser tests (they skip without it)."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"browser tests need Chromium at {CHROMIUM}")
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
-    with playwright_api.sync_playwright() as p:
+    if reason := browser_missing():
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b
         b.close()

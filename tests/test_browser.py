@@ -14,7 +14,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, launched
+from conftest import served_ui
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
@@ -22,22 +22,15 @@ DEMO = ROOT / "weights" / "demo"
 
 pytestmark = pytest.mark.browser
 
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Chromium at {CHROMIUM}", allow_module_level=True)
-pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
-
 
 @pytest.fixture(scope="module")
 def url(base_pipe, tmp_path_factory):
     import ldm
-    from ui import build
-    from ui.state import Options, Pipes
 
     # The demo model makes a screenshot worth showing; the tiny one only proves the wiring.
     pipe = ldm.load(DEMO, device="cpu", dtype="float32") if (DEMO / "model_index.json").exists() else base_pipe
-    demo = build(Pipes(pipe), Options(outputs=tmp_path_factory.mktemp("browser-outputs"), preview_every=2))
-    with launched(demo) as url:
-        yield url
+    with served_ui(tmp_path_factory, pipe, "browser-outputs", preview_every=2) as served:
+        yield served.url
 
 
 def gallery_file(page, tab: str) -> Path:

@@ -10,7 +10,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, launched
+from conftest import served_ui
 
 import tiny
 from ldm.control_preprocess import preprocess
@@ -20,23 +20,16 @@ pytestmark = pytest.mark.browser
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 VISIBLE = 10  # out of 255
 
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Chromium at {CHROMIUM}", allow_module_level=True)
-pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
-
 
 @pytest.fixture(scope="module")
 def url(base_model, tmp_path_factory):
     import ldm
-    from ui import build
-    from ui.state import Options, Pipes
 
     root = tmp_path_factory.mktemp("browser-cn-models")
     random_controlnet(tiny.unet(), 1).save_pretrained(root / "ControlNet" / "tiny-canny", safe_serialization=True)
     pipe = ldm.load(base_model, device="cpu", dtype="float32", models_dir=root)
-    demo = build(Pipes(pipe), Options(outputs=tmp_path_factory.mktemp("browser-cn-outputs"), preview_every=0))
-    with launched(demo) as url:
-        yield url
+    with served_ui(tmp_path_factory, pipe, "browser-cn-outputs", preview_every=0) as served:
+        yield served.url
 
 
 def served_file(page, selector: str) -> Path:

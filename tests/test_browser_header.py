@@ -3,28 +3,22 @@ model what it can draw; tooltips on the unlabelled icon buttons. Headless Chromi
 from __future__ import annotations
 
 import pytest
-from conftest import CHROMIUM, ROOT, launched
+from conftest import ROOT, served_ui
 
 pytestmark = pytest.mark.browser
 
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Chromium at {CHROMIUM}", allow_module_level=True)
-pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
 DEMO = ROOT / "weights" / "demo"
 
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     import ldm
-    from ui import build
-    from ui.state import Options, Pipes
 
     if not DEMO.exists():
         pytest.skip("the demo model is not in weights/demo")
-    demo = build(Pipes(ldm.load(DEMO, device="cpu", dtype="float32")),
-                 Options(outputs=tmp_path_factory.mktemp("header-outputs"), preview_every=0))
-    with launched(demo) as url:
-        yield url
+    pipe = ldm.load(DEMO, device="cpu", dtype="float32")
+    with served_ui(tmp_path_factory, pipe, "header-outputs", preview_every=0) as served:
+        yield served.url
 
 
 def test_header_names_the_model_family_native_size_and_what_the_demo_draws(page):

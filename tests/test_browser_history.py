@@ -12,13 +12,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from conftest import CHROMIUM, free_port
+from conftest import free_port
 
 pytestmark = pytest.mark.browser
-
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Chromium at {CHROMIUM}", allow_module_level=True)
-pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
 
 USERS = [("alice", "alice-pw"), ("bob", "bob-pw")]
 

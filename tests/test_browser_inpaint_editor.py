@@ -13,24 +13,17 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, launched, wait_for_brush
+from conftest import served_ui, wait_for_brush
 
 pytestmark = pytest.mark.browser
 
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Chromium at {CHROMIUM}", allow_module_level=True)
-pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
 PURPLE = (120, 60, 200)
 
 
 @pytest.fixture(scope="module")
 def url(base_pipe, tmp_path_factory):
-    from ui import build
-    from ui.state import Options, Pipes
-
-    demo = build(Pipes(base_pipe), Options(outputs=tmp_path_factory.mktemp("editor-outputs"), preview_every=0))
-    with launched(demo) as url:
-        yield url
+    with served_ui(tmp_path_factory, base_pipe, "editor-outputs", preview_every=0) as served:
+        yield served.url
 
 
 def shot(editor) -> np.ndarray:
@@ -101,7 +94,6 @@ def test_brush_fits_the_picture_and_the_mask_shows_what_is_under_it(page, tmp_pa
     page.wait_for_function("/^(Done|Failed)/.test(document.querySelector('#inpaint-status textarea').value)",
                            timeout=120_000)
     assert page.input_value("#inpaint-status textarea").startswith("Done")
-
 
 
 def canvas_shot(editor) -> np.ndarray:

@@ -5,43 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CHROMIUM, CHROMIUM_ARGS, launched
+from conftest import served_ui
 
 import models_folder
 
 pytestmark = pytest.mark.browser
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Chromium at {CHROMIUM}", allow_module_level=True)
-playwright_api = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
-
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from ui import build
     from ui.models import Models
-    from ui.state import Options, Pipes
 
     root = models_folder.build(tmp_path_factory.mktemp("browser-models") / "models")
     load = models_folder.loader(root)
     pipe = load("alpha")
-    demo = build(Pipes(pipe), Options(outputs=tmp_path_factory.mktemp("browser-outputs"), preview_every=0),
-                 Models(pipe, loader=load, spec="alpha"))
-    del pipe
-    with launched(demo) as url:
-        yield url, demo.ldm_context
+    with served_ui(tmp_path_factory, pipe, "browser-outputs", Models(pipe, loader=load, spec="alpha"),
+                   preview_every=0) as served:
+        del pipe
+        yield served.url, served.demo.ldm_context
 
 
 @pytest.fixture
-def page(app):
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(app[0])
-        page.wait_for_selector("#txt2img-prompt textarea", timeout=60_000)
-        yield page
-        browser.close()
+def url(app):
+    return app[0]
 
 
 def test_switch_checkpoint_and_generate_with_a_lora_from_the_panel(page, app):

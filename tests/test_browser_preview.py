@@ -14,28 +14,22 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, ROOT, launched
+from conftest import ROOT, served_ui
 
 pytestmark = pytest.mark.browser
 
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Chromium at {CHROMIUM}", allow_module_level=True)
-pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
 DEMO = ROOT / "weights" / "demo"
 
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     import ldm
-    from ui import build
-    from ui.state import Options, Pipes
 
     if not DEMO.exists():
         pytest.skip("the demo model is not in weights/demo")
-    demo = build(Pipes(ldm.load(DEMO, device="cpu", dtype="float32")),
-                 Options(outputs=tmp_path_factory.mktemp("preview-outputs"), preview_every=1))
-    with launched(demo) as url:
-        yield url
+    pipe = ldm.load(DEMO, device="cpu", dtype="float32")
+    with served_ui(tmp_path_factory, pipe, "preview-outputs", preview_every=1) as served:
+        yield served.url
 
 
 def fetched(page, src: str) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CHROMIUM, launched
+from conftest import served_ui
 from PIL import Image
 
 import tiny_sdxl
@@ -17,17 +17,11 @@ from test_browser_controlnet import _info, generate, set_number
 pytestmark = pytest.mark.browser
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Chromium at {CHROMIUM}", allow_module_level=True)
-pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
-
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     import ldm
-    from ui import build
     from ui.models import Models
-    from ui.state import Options, Pipes
 
     root = tmp_path_factory.mktemp("browser-refiner") / "models"
     tiny_sdxl.save_model(root / "Stable-diffusion" / "xl")
@@ -37,10 +31,9 @@ def url(tmp_path_factory):
         return ldm.load(spec, models_dir=root, device="cpu", dtype="float32")
 
     pipe = load("xl")
-    demo = build(Pipes(pipe), Options(outputs=tmp_path_factory.mktemp("browser-refiner-outputs"), preview_every=0),
-                 Models(pipe, loader=load, spec="xl"))
-    with launched(demo) as url:
-        yield url
+    with served_ui(tmp_path_factory, pipe, "browser-refiner-outputs", Models(pipe, loader=load, spec="xl"),
+                   preview_every=0) as served:
+        yield served.url
 
 
 def test_refiner_from_the_accordion_and_back_from_png_info(page, tmp_path):

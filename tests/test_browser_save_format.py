@@ -7,24 +7,15 @@ import time
 
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, launched
+from conftest import served_ui
 
 pytestmark = pytest.mark.browser
-
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Chromium at {CHROMIUM}", allow_module_level=True)
-pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
 
 
 @pytest.fixture(scope="module")
 def app(base_pipe, tmp_path_factory):
-    from ui import build
-    from ui.state import Options, Pipes
-
-    outputs = tmp_path_factory.mktemp("webp-outputs")
-    demo = build(Pipes(base_pipe), Options(outputs=outputs, preview_every=0, save_format="webp"))
-    with launched(demo) as url:
-        yield {"url": url, "outputs": outputs}
+    with served_ui(tmp_path_factory, base_pipe, "webp-outputs", preview_every=0, save_format="webp") as served:
+        yield {"url": served.url, "outputs": served.outputs}
 
 
 @pytest.fixture

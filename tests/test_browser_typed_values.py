@@ -11,28 +11,23 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, launched, set_number, wait_for_brush
+from conftest import served_ui, set_number, wait_for_brush
 
 import tiny
 
 pytestmark = pytest.mark.browser
 
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Chromium at {CHROMIUM}", allow_module_level=True)
-pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
 PURPLE = (120, 60, 200)
 
 
 @pytest.fixture(scope="module")
 def url(base_pipe, tmp_path_factory):
     import ldm
-    from ui import build
-    from ui.state import Options, Pipes
+    from ui.state import Pipes
 
     x4 = ldm.load(tiny.save_upscaler(tmp_path_factory.mktemp("typed-x4")), device="cpu", dtype="float32")
-    demo = build(Pipes(base_pipe, upscale=x4), Options(outputs=tmp_path_factory.mktemp("typed-outputs"), preview_every=0))
-    with launched(demo) as url:
-        yield url
+    with served_ui(tmp_path_factory, Pipes(base_pipe, upscale=x4), "typed-outputs", preview_every=0) as served:
+        yield served.url
 
 
 def number(page, elem_id: str) -> str:

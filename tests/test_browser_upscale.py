@@ -13,23 +13,15 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import CHROMIUM, launched, set_number
+from conftest import served_ui, set_number
 
 pytestmark = pytest.mark.browser
-
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Chromium at {CHROMIUM}", allow_module_level=True)
-pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
 
 
 @pytest.fixture(scope="module")
 def url(base_pipe, tmp_path_factory):
-    from ui import build
-    from ui.state import Options, Pipes
-
-    demo = build(Pipes(base_pipe), Options(outputs=tmp_path_factory.mktemp("upscale-outputs"), preview_every=0))
-    with launched(demo) as url:
-        yield url
+    with served_ui(tmp_path_factory, base_pipe, "upscale-outputs", preview_every=0) as served:
+        yield served.url
 
 
 def wait_done(page, tab: str) -> str:

@@ -10,10 +10,6 @@ from conftest import CHROMIUM, ROOT
 
 pytestmark = pytest.mark.browser
 
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Chromium at {CHROMIUM}", allow_module_level=True)
-pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
-
 
 def test_the_screenshot_tool_shoots_every_tab(tmp_path):
     if not (ROOT / "weights" / "demo").exists():
