@@ -159,3 +159,23 @@ def test_app_lists_the_shipped_controlnet(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     app.check_models_dir(app.parse_args([]))
     assert "demo-canny" in [e.name for e in ldm.Library(tmp_path / "models").controlnets]
+
+
+def test_an_addon_fine_tune_starts_from_the_trained_addon(tmp_path):
+    """`--init` (finetune.start_from): a retrain onto a new base model starts at the shipped add-on's weights."""
+    import torch
+    from diffusers import ControlNetModel
+
+    from ldm_tools.train import finetune as F
+
+    def net(seed: int) -> ControlNetModel:
+        torch.manual_seed(seed)
+        return ControlNetModel(block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                               layers_per_block=1, norm_num_groups=4, cross_attention_dim=8,
+                               conditioning_embedding_out_channels=(4, 8))
+
+    trained, fresh = net(0), net(1)
+    trained.save_pretrained(tmp_path / "addon")
+    assert not torch.equal(fresh.conv_in.weight, trained.conv_in.weight)
+    F.start_from(fresh, tmp_path / "addon")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values()))

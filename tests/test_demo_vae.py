@@ -71,3 +71,18 @@ def test_deepen_adds_identity_resnets_so_step_0_encodes_and_decodes_exactly_as_b
         # the added ResNets are trainable from there: a change to one changes the output
         V.added_resnets(deep, 1)[0].conv2.bias.fill_(0.1)
         assert not torch.equal(deep.decode(z).sample, vae.decode(z).sample)
+
+
+def test_overshoot_measures_only_latents_beyond_the_flat_codes_range():
+    bg = V.PALETTE[[0]]  # a red background with a blue object filling the right half of an 8x8 render
+    x = bg[0][:, None, None].repeat(1, 8, 8)[None].clone()
+    x[0, :, :, 4:] = V.PALETTE[2][:, None, None]
+    z = torch.zeros(1, 2, 4, 4)  # latent cells of 2x2 pixels: columns 0-1 background, 2-3 object
+    z[0, :, :, 2:] = torch.tensor([1.0, -1.0])[:, None, None]
+    assert torch.equal(V.overshoot(z, x, bg), torch.zeros_like(z))  # flat codes: inside their own range
+    z[0, 0, 1, 1] = 0.5  # a blend between the two codes (0 and 1): fine
+    z[0, 1, 2, 1] = -1.75  # beyond the object's -1: 0.75 too far
+    z[0, 0, 3, 2] = 1.25  # beyond the object's 1 inside the object: 0.25 too far
+    over = V.overshoot(z, x, bg)
+    assert over[0, 1, 2, 1] == 0.75 and over[0, 0, 3, 2] == 0.25 and (over > 0).sum() == 2
+    assert torch.equal(V.overshoot(z, torch.zeros_like(x) + bg[0][:, None, None], bg), torch.zeros_like(z))  # no object

@@ -31,6 +31,11 @@ def main(argv=None) -> None:
     d.add_argument("--decoder-steps", type=int, default=DemoConfig.decoder_steps)
     d.add_argument("--n-images", type=int, default=DemoConfig.n_images)
     d.add_argument("--batch", type=int, default=DemoConfig.batch)
+    d.add_argument("--init-vae", default="", help="use this VAE folder instead of training one (a new VAE for a model)")
+    d.add_argument("--init-model", default="", help="start the U-Net and text encoder from this model's")
+    d.add_argument("--unet-lr", type=float, default=DemoConfig.unet_lr)
+    d.add_argument("--text-lr", type=float, default=DemoConfig.text_lr)
+    d.add_argument("--offset-noise-start", type=int, default=DemoConfig.offset_noise_start)
     lo = sub.add_parser("lora", help="train the demo LoRA 'outline' on top of the demo model")
     lo.add_argument("--out", default="weights/demo-models/Lora/outline.safetensors")
     lo.add_argument("--work-dir", default="runs/lora")
@@ -38,6 +43,7 @@ def main(argv=None) -> None:
     lo.add_argument("--steps", type=int, default=LoraConfig.steps)
     lo.add_argument("--minutes", type=float, default=0.0, help="also stop after this many minutes (0 = no limit)")
     lo.add_argument("--export-only", action="store_true", help="write --out from the checkpoint in --work-dir and exit")
+    lo.add_argument("--model", default="weights/demo", help="the base model it is trained for")
     lo.add_argument("--init", default="", help="start from this LoRA file (same layers and rank) instead of zero")
     cn = sub.add_parser("controlnet", help="train the demo canny ControlNet for the demo model")
     cn.add_argument("--out", default="weights/demo-models/ControlNet/demo-canny")
@@ -46,7 +52,9 @@ def main(argv=None) -> None:
     cn.add_argument("--steps", type=int, default=ControlNetConfig.steps)
     cn.add_argument("--minutes", type=float, default=0.0, help="also stop after this many minutes (0 = no limit)")
     cn.add_argument("--export-only", action="store_true", help="write --out from the checkpoint in --work-dir and exit")
-    vd = sub.add_parser("vae-decoder", help="fine-tune the demo VAE's decoder against stray blobs (encoder frozen)")
+    cn.add_argument("--model", default="weights/demo", help="the base model it is trained for")
+    cn.add_argument("--init", default="", help="start from this trained add-on (a fine-tune onto a new base model)")
+    vd = sub.add_parser("vae-decoder", help="fine-tune the demo VAE's decoder (and with --encoder-lr its encoder) against stray blobs")
     vd.add_argument("--out", default="weights/demo/vae")
     vd.add_argument("--model", default="weights/demo")
     vd.add_argument("--work-dir", default="runs/vae-decoder")
@@ -60,6 +68,12 @@ def main(argv=None) -> None:
     vd.add_argument("--lr-new", type=float, default=DecoderConfig.lr_new, help="the added ResNets")
     vd.add_argument("--speck-weight", type=float, default=DecoderConfig.hard_weight,
                     help="extra loss weight of speck pixels (renders and generated latents alike)")
+    vd.add_argument("--encoder-lr", type=float, default=DecoderConfig.encoder_lr,
+                    help="> 0: train the encoder too (the latent space moves: retrain the U-Net and add-ons)")
+    vd.add_argument("--latent-anchor", type=float, default=DecoderConfig.latent_anchor,
+                    help="weight of the encoder's latents' squared distance from the starting ones")
+    vd.add_argument("--overshoot-weight", type=float, default=DecoderConfig.overshoot_weight,
+                    help="with --encoder-lr: weight of the latents' excess beyond the flat codes' range at edges")
     ip = sub.add_parser("inpaint", help="train the demo 9-channel inpainting model from the demo U-Net")
     ip.add_argument("--out", default="weights/demo-inpaint")
     ip.add_argument("--work-dir", default="runs/inpaint-v2")
@@ -67,6 +81,8 @@ def main(argv=None) -> None:
     ip.add_argument("--steps", type=int, default=InpaintConfig.steps)
     ip.add_argument("--minutes", type=float, default=0.0, help="also stop after this many minutes in all (0 = no limit)")
     ip.add_argument("--export-only", action="store_true", help="write --out from the checkpoint in --work-dir and exit")
+    ip.add_argument("--model", default="weights/demo", help="the base model it is trained for")
+    ip.add_argument("--init", default="", help="start from this trained add-on (a fine-tune onto a new base model)")
     up = sub.add_parser("upscaler", help="train the demo x4 upscaler (16 -> 64 px) from the demo U-Net")
     up.add_argument("--out", default="weights/demo-upscaler")
     up.add_argument("--work-dir", default="runs/upscaler")
@@ -74,27 +90,35 @@ def main(argv=None) -> None:
     up.add_argument("--steps", type=int, default=UpscalerConfig.steps)
     up.add_argument("--minutes", type=float, default=0.0, help="also stop after this many minutes in all (0 = no limit)")
     up.add_argument("--export-only", action="store_true", help="write --out from the checkpoint in --work-dir and exit")
+    up.add_argument("--model", default="weights/demo", help="the base model it is trained for")
+    up.add_argument("--init", default="", help="start from this trained add-on (a fine-tune onto a new base model)")
     a = p.parse_args(argv)
     if a.cmd == "upscaler":
-        train_upscaler(a.out, a.work_dir, dataclasses.replace(UpscalerConfig(), steps=a.steps, minutes=a.minutes),
+        train_upscaler(a.out, a.work_dir, dataclasses.replace(UpscalerConfig(), steps=a.steps, minutes=a.minutes, init=a.init),
+                       model=a.model,
                        resume=a.resume or a.export_only, export_only=a.export_only)
         return
     if a.cmd == "inpaint":
-        train_inpaint(a.out, a.work_dir, dataclasses.replace(InpaintConfig(), steps=a.steps, minutes=a.minutes),
+        train_inpaint(a.out, a.work_dir, dataclasses.replace(InpaintConfig(), steps=a.steps, minutes=a.minutes, init=a.init),
+                      model=a.model,
                       resume=a.resume or a.export_only, export_only=a.export_only)
         return
     if a.cmd == "vae-decoder":
         cfg = dataclasses.replace(DecoderConfig(), steps=a.steps, minutes=a.minutes, layers_per_block=a.layers_per_block,
-                                  lr=a.lr, lr_new=a.lr_new, hard_weight=a.speck_weight, repair_weight=a.speck_weight)
+                                  lr=a.lr, lr_new=a.lr_new, hard_weight=a.speck_weight, repair_weight=a.speck_weight,
+                                  encoder_lr=a.encoder_lr, latent_anchor=a.latent_anchor,
+                                  overshoot_weight=a.overshoot_weight)
         train_decoder(a.out, a.work_dir, cfg,
                       model=a.model, resume=a.resume or a.export_only, export_only=a.export_only)
         return
     if a.cmd == "controlnet":
-        train_controlnet(a.out, a.work_dir, dataclasses.replace(ControlNetConfig(), steps=a.steps, minutes=a.minutes),
+        train_controlnet(a.out, a.work_dir, dataclasses.replace(ControlNetConfig(), steps=a.steps, minutes=a.minutes, init=a.init),
+                         model=a.model,
                          resume=a.resume or a.export_only, export_only=a.export_only)
         return
     if a.cmd == "lora":
         train_lora(a.out, a.work_dir, dataclasses.replace(LoraConfig(), steps=a.steps, minutes=a.minutes, init=a.init),
+                   model=a.model,
                    resume=a.resume or a.export_only, export_only=a.export_only)
         return
     if a.cmd == "demo":
@@ -102,7 +126,8 @@ def main(argv=None) -> None:
             export_checkpoint(a.out, a.work_dir)
             return
         cfg = dataclasses.replace(DemoConfig(), seed=a.seed, unet_steps=a.unet_steps, unet_minutes=a.unet_minutes, vae_steps=a.vae_steps, decoder_steps=a.decoder_steps,
-                                  n_images=a.n_images, batch=a.batch)
+                                  n_images=a.n_images, batch=a.batch, init_vae=a.init_vae, init_model=a.init_model,
+                                  unet_lr=a.unet_lr, text_lr=a.text_lr, offset_noise_start=a.offset_noise_start)
         train_demo(a.out, a.work_dir, cfg, resume=a.resume)
 
 

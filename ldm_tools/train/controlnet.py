@@ -32,6 +32,7 @@ class ControlNetConfig:
     lr: float = 5e-4
     caption_dropout: float = 0.3
     embedding_channels: tuple[int, ...] = (16, 32, 64)
+    init: str = ""  # a trained add-on folder to start from (a fine-tune onto a new base model), "" = from the base
 
 
 def edge_map(image_u8: np.ndarray) -> np.ndarray:
@@ -56,6 +57,8 @@ def train_controlnet(out: str | Path, work_dir: str | Path, cfg: ControlNetConfi
     work, parts = F.start_work(work_dir, resume, cfg.seed, model)
     data = F.cached(work / "data.pt", lambda: make_data(cfg, parts))
     net = ControlNetModel.from_unet(parts.unet, conditioning_embedding_out_channels=cfg.embedding_channels)
+    if cfg.init:
+        F.start_from(net, cfg.init)
     net.train()
     F.log(work, f"controlnet: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params")
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)

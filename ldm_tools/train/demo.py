@@ -45,6 +45,14 @@ class DemoConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    # Latent channels. 4 (SD's) leaves a border cell 4 numbers for 16 pixels showing two colours and an edge:
+    # the shipped 4-channel VAE paints a stray third colour at some edges (the "speck", issue 21).
+    vae_latent_channels: int = 4
+    # GroupNorm groups in the VAE. 16 on 16 channels is a per-channel norm, which maps any flat colour to the
+    # same zero: the shipped VAE (16) keeps colours by painting a small bright spot into its features, whose
+    # statistics the flat areas are normalised against, and that spot shows as the speck (StyleGAN2's
+    # "droplet"). Fewer groups let a flat colour survive as a pattern across the channels of a group.
+    vae_norm_groups: int = 16
     decoder_steps: int = 1000  # decoder-only fine-tuning on the frozen encoder's latents (sharper edges)
     decoder_lr: float = 5e-4
     decoder_latent_noise: float = 0.1  # in scaled-latent units, for robustness to generated latents
@@ -80,6 +88,12 @@ class DemoConfig:
     ckpt_every: int = 250
     threads: int = 2
     fp16_export: bool = False
+    # A new VAE for an existing demo model: `init_vae` (a diffusers AutoencoderKL folder) replaces stages 2's
+    # training (its scaling_factor is kept, so latents near the old VAE's stay near the old scale), and
+    # `init_model` starts the U-Net, the text encoder and their EMA from that model instead of from scratch,
+    # so the U-Net only has to learn what the new latents change.
+    init_vae: str = ""
+    init_model: str = ""
 
 
 # ----------------------------------------------------------------------------
@@ -97,8 +111,8 @@ def build_vae(cfg: DemoConfig):
         up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=tuple(cfg.vae_channels),
         layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
+        latent_channels=cfg.vae_latent_channels,
+        norm_num_groups=cfg.vae_norm_groups,
         sample_size=W.IMAGE_SIZE,
         mid_block_add_attention=False,
     )
@@ -130,8 +144,8 @@ def build_unet(cfg: DemoConfig, latent_size: int):
     up = ("CrossAttnUpBlock2D",) * (len(ch) - 1) + ("UpBlock2D",)
     return UNet2DConditionModel(
         sample_size=latent_size,
-        in_channels=4,
-        out_channels=4,
+        in_channels=cfg.vae_latent_channels,
+        out_channels=cfg.vae_latent_channels,
         down_block_types=down,
         up_block_types=up,
         block_out_channels=ch,
@@ -269,6 +283,10 @@ def stage_data(cfg: DemoConfig, work: Path) -> dict:
 def stage_vae(cfg: DemoConfig, work: Path, images: torch.Tensor):
     from tqdm.auto import tqdm
 
+    if cfg.init_vae:
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(cfg.init_vae)
     done = work / "vae_done.pt"
     vae = build_vae(cfg)
     if done.exists():
@@ -338,7 +356,7 @@ def stage_latents(cfg: DemoConfig, work: Path, vae, images: torch.Tensor) -> tor
         out.append(vae.encode(_to_unit(images[i : i + 256])).latent_dist.mean)
     lat = torch.cat(out)
     std = lat.std().item()
-    scaling = 1.0 / std
+    scaling = vae.config.scaling_factor if cfg.init_vae else 1.0 / std
     vae.register_to_config(scaling_factor=scaling)
     # reconstruction check with the classifier
     rec = vae.decode(lat[:256]).sample
@@ -370,7 +388,7 @@ def stage_decoder(cfg: DemoConfig, work: Path, vae, images: torch.Tensor, latent
     if done.exists():
         vae.load_state_dict(torch.load(done)["vae"])
         return vae
-    if cfg.decoder_steps <= 0:
+    if cfg.decoder_steps <= 0 or cfg.init_vae:
         return vae
     ckpt_path = work / "decoder_ckpt.pt"
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
@@ -452,6 +470,12 @@ def stage_unet(cfg: DemoConfig, work: Path, vae, latents: torch.Tensor, combo_id
     latent_size = latents.shape[-1]
     unet = build_unet(cfg, latent_size)
     te = build_text_encoder(cfg)
+    if cfg.init_model:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(cfg.init_model, subfolder="unet").state_dict())
+        te.load_state_dict(CLIPTextModel.from_pretrained(cfg.init_model, subfolder="text_encoder").state_dict())
     ema_unet = build_unet(cfg, latent_size)
     ema_te = build_text_encoder(cfg)
     ema_unet.load_state_dict(unet.state_dict())
@@ -622,7 +646,7 @@ def train_demo(out: str | Path = "weights/demo", work_dir: str | Path = "runs/de
     vae.eval().requires_grad_(False)
     tokenizer = load_tokenizer()
     unet, te, meta = stage_unet(cfg, work, vae, latents, data["combo"], tokenizer)
-    vae_minutes = torch.load(work / "vae_done.pt")["elapsed"] / 60
+    vae_minutes = torch.load(work / "vae_done.pt")["elapsed"] / 60 if (work / "vae_done.pt").exists() else 0.0
     if (work / "decoder_done.pt").exists():
         vae_minutes += torch.load(work / "decoder_done.pt")["elapsed"] / 60
     meta = {
@@ -650,8 +674,7 @@ def export_checkpoint(out: str | Path = "weights/demo", work_dir: str | Path = "
     cfg = DemoConfig(**{k: tuple(v) if isinstance(v, list) else v
                         for k, v in json.loads((work / "config.json").read_text()).items()})
     torch.set_num_threads(cfg.threads)
-    vae = build_vae(cfg)
-    vae.load_state_dict(torch.load(work / "vae_done.pt")["vae"])
+    vae = stage_vae(cfg, work, torch.empty(0))  # trained: loads vae_done.pt; or the init_vae
     if (work / "decoder_done.pt").exists():
         vae.load_state_dict(torch.load(work / "decoder_done.pt")["vae"])
     lat = torch.load(work / "latents.pt")

@@ -102,6 +102,14 @@ class Captions:
                             for ri, vi, vs in zip(r, v, (self.variants[i] for i in combo_idx.tolist()))])
 
 
+def start_from(module, folder: str | Path) -> None:
+    """Load a trained add-on's weights (a diffusers model folder) into `module`: the start of a fine-tune onto
+    a new base model (e.g. the demo model with a new VAE), shorter than training the add-on again."""
+    from safetensors.torch import load_file
+
+    module.load_state_dict(load_file(Path(folder) / "diffusion_pytorch_model.safetensors"))
+
+
 def start_work(work_dir: str | Path, resume: bool, seed: int, model: str | Path) -> tuple[Path, DemoParts]:
     """The run's work folder (refusing to overwrite another run's checkpoints unless resuming), torch seeded,
     and the frozen demo model."""

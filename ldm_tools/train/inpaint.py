@@ -54,6 +54,7 @@ class InpaintConfig:
     known_x0_cap: float = 20.0  # > 0: outside the mask, weight at least min(1 / SNR, cap) (see masked_loss)
     ema_decay: float = 0.998
     full_mask: float = 0.15  # share of fully masked samples (SD-inpainting: 25%)
+    init: str = ""  # a trained add-on folder to start from (a fine-tune onto a new base model), "" = from the base
 
 
 def scenes_and_renders(n: int, seed: int) -> tuple[list[W.Scene], np.ndarray, np.ndarray]:
@@ -152,8 +153,11 @@ def train_inpaint(out: str | Path, work_dir: str | Path, cfg: InpaintConfig, mod
     data = F.cached(work / "data.pt", lambda: {"latents": F.encode(parts.vae, images)})
     lat, combo = data["latents"], torch.from_numpy(combo)
     unet = widen_conv_in(parts.unet)
+    if cfg.init:
+        F.start_from(unet, Path(cfg.init) / "unet")
     unet.train()
     ema = widen_conv_in(parts.unet).requires_grad_(False).eval()
+    ema.load_state_dict(unet.state_dict())
     conv_in = list(unet.conv_in.parameters())
     body = [q for q in unet.parameters() if all(q is not c for c in conv_in)]
     opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr}, {"params": conv_in, "lr": cfg.lr_conv_in}],

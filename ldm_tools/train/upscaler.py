@@ -42,6 +42,7 @@ class UpscalerConfig:
     minutes: float = 0.0
     batch: int = 32
     lr: float = 3e-4
+    init: str = ""  # a trained add-on folder to start from (a fine-tune onto a new base model), "" = from the base
 
 
 def downscale(images_u8) -> torch.Tensor:
@@ -63,6 +64,8 @@ def train_upscaler(out: str | Path, work_dir: str | Path, cfg: UpscalerConfig, m
     data = F.cached(work / "data.pt", make)
     lat, low, combo = data["latents"], data["low"], data["combo"]
     unet = widen_conv_in(parts.unet, 3, num_class_embeds=1000)
+    if cfg.init:
+        F.start_from(unet, Path(cfg.init) / "unet")
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 1)

@@ -74,6 +74,33 @@ class DecoderConfig:
     layers_per_block: int = 0  # > the loaded VAE's: `deepen` it to this (0: as loaded)
     lr_new: float = 1e-3  # the ResNets `deepen` added (they start as the identity)
     monitor_every: int = 250
+    # > 0: the encoder trains too (at this lr), so that it can stop writing an object's edge as an overshoot,
+    # the speck's cause; the latent space then moves and the U-Net and every add-on must be retrained on it.
+    # `latent_anchor` weighs the mean squared distance (scaled units) of its latents from the starting
+    # encoder's, so that only what the loss needs moves (the edges) and the retraining starts close.
+    encoder_lr: float = 0.0
+    latent_anchor: float = 1.0
+    # The speck's cause itself, when the encoder trains: the mean squared excess of each latent cell beyond the
+    # range between the render's flat background and object codes (per channel), times this weight.
+    overshoot_weight: float = 0.0
+
+
+def overshoot(z: torch.Tensor, x: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+    """Per latent element of z (N, C, h, w): how far it lies beyond the range between the median codes of the
+    cells wholly in the background and wholly in the object of renders x (N, 3, H, W) in [-1, 1], whose
+    background colours are bg (N, 3) (medians: the overshoot itself must not move the range). 0 for images
+    without a whole object cell."""
+    obj = (x - bg[:, :, None, None]).abs().amax(1) > 0.02
+    share = TF.adaptive_avg_pool2d(obj[:, None].float(), z.shape[-2:])[:, 0]
+    out = torch.zeros_like(z)
+    for n, (zn, s) in enumerate(zip(z, share)):
+        inside, outside = s > 0.99, s < 0.01
+        if not inside.any() or not outside.any():
+            continue
+        a, b = zn[:, inside].median(1).values.detach(), zn[:, outside].median(1).values.detach()
+        lo, hi = torch.minimum(a, b)[:, None, None], torch.maximum(a, b)[:, None, None]
+        out[n] = (zn - hi).clamp_min(0) + (lo - zn).clamp_min(0)
+    return out
 
 
 def deepen(vae, layers_per_block: int):
@@ -166,13 +193,22 @@ def make_data(cfg: DecoderConfig, parts: F.DemoParts, model: str) -> dict:
             "gen_pair": torch.tensor([[cols[k.bg], cols[k.obj if k.obj is not None else k.bg]] for k in ks])}
 
 
-def speck_rates(vae, data: dict, n: int) -> dict:
+@torch.no_grad()
+def encode_scaled(vae, images_u8: torch.Tensor) -> torch.Tensor:
+    """Scaled latent means of uint8 images (N, H, W, 3), as the U-Net sees them."""
+    out = [vae.encode(F.to_unit(images_u8[i:i + 64])).latent_dist.mean for i in range(0, len(images_u8), 64)]
+    return torch.cat(out) * vae.config.scaling_factor
+
+
+def speck_rates(vae, data: dict, n: int, reencode: bool = False) -> dict:
     """On the last n renders through the VAE and the last n generated latents (the monitor sets): the
     fraction of images with a speck, the round trips' PSNR against the renders (a rate bought by blurring
-    shows here) and the colour error of both (washed-out or tinted colours show here)."""
+    shows here) and the colour error of both (washed-out or tinted colours show here). `reencode`: the
+    round trips go through the current encoder (when it trains), not the cached starting latents."""
     from ..eval.speck import colour_error, has_speck  # the evaluator's own definitions
 
-    rt = decode_u8(vae, data["latents"][-n:])
+    lat = encode_scaled(vae, data["images"][-n:]) if reencode else data["latents"][-n:]
+    rt = decode_u8(vae, lat)
     gen = decode_u8(vae, data["gen_latents"][-n:])
     mse = np.mean((rt.astype(np.float64) - data["images"][-n:].numpy()) ** 2)
     return {"specks_roundtrip": float(np.mean([has_speck(im) for im in rt])),
@@ -215,33 +251,42 @@ def train_decoder(out: str | Path = "weights/demo/vae", work_dir: str | Path = "
     vae = deepen(vae, cfg.layers_per_block)
     scale = vae.config.scaling_factor
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    for p in params:
+    enc_params = list(vae.encoder.parameters()) + list(vae.quant_conv.parameters()) if cfg.encoder_lr else []
+    for p in params + enc_params:
         p.requires_grad_(True)
     new = {id(p) for r in added_resnets(vae, start["layers_per_block"]) for p in r.parameters()}
     groups = [{"params": [p for p in params if id(p) not in new], "lr": cfg.lr}]
     if new:
         groups.append({"params": [p for p in params if id(p) in new], "lr": cfg.lr_new})
+    if enc_params:
+        groups.append({"params": enc_params, "lr": cfg.encoder_lr})
     base_lr = [g["lr"] for g in groups]  # the warm-up scales these each step (also after --resume)
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     n_train = len(data["images"]) - cfg.n_monitor  # the last n_monitor renders and latents only monitor
     n_gen = len(data["gen_latents"]) - cfg.n_monitor
     if not resume:
-        F.log(work, "decoder: before: " + monitor_line(speck_rates(vae, data, cfg.n_monitor)))
+        F.log(work, "decoder: before: " + monitor_line(speck_rates(vae, data, cfg.n_monitor, enc_params != [])))
 
     def step(i: int) -> torch.Tensor:
-        vae.decoder.train()
+        vae.train()
         for group, lr in zip(opt.param_groups, base_lr):
             group["lr"] = lr * min(1.0, (i + 1) / cfg.warmup)
         idx = torch.randint(0, n_train, (cfg.batch,), generator=gen)
         x = F.to_unit(data["images"][idx])
         z = data["latents"][idx].float()
+        anchor = 0.0
+        if enc_params:  # this encoder's latents, kept near the starting ones
+            start_z, z = z, vae.encode(x).latent_dist.mean * scale
+            anchor = cfg.latent_anchor * TF.mse_loss(z, start_z)
+            if cfg.overshoot_weight:
+                anchor = anchor + cfg.overshoot_weight * overshoot(z, x, PALETTE[data["pair"][idx][:, 0]]).pow(2).mean()
         z = z + cfg.latent_noise * torch.randn(z.shape, generator=gen)
         rec = vae.decode(z / scale).sample
         pair = data["pair"][idx]
         spots = repaired_targets(rec.detach(), PALETTE[pair[:, 0]], PALETTE[pair[:, 1]], cfg.repair_margin)[1]
         w = 1 + cfg.hard_weight * spots.float()
-        loss = TF.mse_loss(rec, x) + (w * (rec - x).abs()).mean()
+        loss = TF.mse_loss(rec, x) + (w * (rec - x).abs()).mean() + anchor
         if cfg.anchor_weight:
             g = torch.randint(0, n_gen, (cfg.gen_batch,), generator=gen)
             img = vae.decode(data["gen_latents"][g].float() / scale).sample
@@ -249,11 +294,14 @@ def train_decoder(out: str | Path = "weights/demo/vae", work_dir: str | Path = "
             loss = loss + cfg.anchor_weight * (w * (img - data["gen_target"][g].float()).abs()).mean()
         if (i + 1) % cfg.monitor_every == 0:
             with torch.no_grad():
-                vae.decoder.eval()
-                F.log(work, f"decoder step {i + 1}: " + monitor_line(speck_rates(vae, data, cfg.n_monitor)))
+                vae.eval()
+                F.log(work, f"decoder step {i + 1}: " + monitor_line(speck_rates(vae, data, cfg.n_monitor,
+                                                                                  enc_params != [])))
         return loss
 
     modules = {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}
+    if enc_params:
+        modules.update(encoder=vae.encoder, quant_conv=vae.quant_conv)
     if export_only:
         ck = torch.load(work / "decoder_ckpt.pt", weights_only=False)
         for k, m in modules.items():
@@ -262,14 +310,14 @@ def train_decoder(out: str | Path = "weights/demo/vae", work_dir: str | Path = "
     else:
         res = F.train_steps(work, "decoder", cfg.steps, cfg.minutes, modules, opt, gen, step)
     vae.eval().requires_grad_(False)
-    res.update(speck_rates(vae, data, cfg.n_monitor))
+    res.update(speck_rates(vae, data, cfg.n_monitor, enc_params != []))
     save(Path(out), vae, cfg, res)
     F.log(work, f"decoder: wrote {out}: {json.dumps(res)}")
     return res
 
 
 def save(out: Path, vae, cfg: DecoderConfig, res: dict) -> None:
-    """The whole VAE (encoder unchanged) as a diffusers folder; the config is the one it was loaded with."""
+    """The whole VAE (the encoder unchanged unless `encoder_lr`) as a diffusers folder; the config is the one it was loaded with."""
     vae.save_pretrained(out, safe_serialization=True)
     conf = json.loads((out / "config.json").read_text())
     conf.pop("_name_or_path", None)  # where it was loaded from this time: not part of the model
