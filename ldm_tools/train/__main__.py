@@ -36,6 +36,9 @@ def main(argv=None) -> None:
     d.add_argument("--unet-lr", type=float, default=DemoConfig.unet_lr)
     d.add_argument("--text-lr", type=float, default=DemoConfig.text_lr)
     d.add_argument("--offset-noise-start", type=int, default=DemoConfig.offset_noise_start)
+    d.add_argument("--vae-norm-groups", type=int, default=DemoConfig.vae_norm_groups,
+                   help="GroupNorm groups in a VAE trained here (16, per channel at the first level, makes the speck)")
+    d.add_argument("--vae-latent-channels", type=int, default=DemoConfig.vae_latent_channels)
     lo = sub.add_parser("lora", help="train the demo LoRA 'outline' on top of the demo model")
     lo.add_argument("--out", default="weights/demo-models/Lora/outline.safetensors")
     lo.add_argument("--work-dir", default="runs/lora")
@@ -127,7 +130,8 @@ def main(argv=None) -> None:
             return
         cfg = dataclasses.replace(DemoConfig(), seed=a.seed, unet_steps=a.unet_steps, unet_minutes=a.unet_minutes, vae_steps=a.vae_steps, decoder_steps=a.decoder_steps,
                                   n_images=a.n_images, batch=a.batch, init_vae=a.init_vae, init_model=a.init_model,
-                                  unet_lr=a.unet_lr, text_lr=a.text_lr, offset_noise_start=a.offset_noise_start)
+                                  unet_lr=a.unet_lr, text_lr=a.text_lr, offset_noise_start=a.offset_noise_start,
+                                  vae_norm_groups=a.vae_norm_groups, vae_latent_channels=a.vae_latent_channels)
         train_demo(a.out, a.work_dir, cfg, resume=a.resume)
 
 

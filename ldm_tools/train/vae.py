@@ -2,16 +2,19 @@
 
     python -m ldm_tools.train vae-decoder [--out weights/demo/vae] [--steps N] [--minutes M] [--resume]
 
-Only the decoder (and post_quant_conv) train; the encoder is frozen, so the latent space, and with it the
-demo U-Net and every add-on trained on its latents (LoRA, ControlNet, inpainting, x4), stays valid.
+By default only the decoder (and post_quant_conv) train; the encoder is frozen, so the latent space, and with it
+the demo U-Net and every add-on trained on its latents (LoRA, ControlNet, inpainting, x4), stays valid.
+`encoder_lr` > 0 trains the encoder too; the latent space then moves and all of those must be retrained.
 
-The cause: the frozen encoder writes an object's edge as an overshoot in latent channel 2 (the channel with
-the largest spread: background about +1.3, object about -2, the edge cells +2 to +2.5 or below -3), and the
-decoder, trained for only 1,800 steps with a plain mean loss in which a 3-pixel blob is lost among 4,096,
-paints some of those edge codes as a third colour: the blob sits where the overshoot is (the most salient
-latent cell of a blob's error is within a cell of it, and channel 2 dominates that gradient in 93 of 96 cases),
-mostly on the object's top and bottom edges, more on the right. The U-Net's latents, a little off the
-encoder's, trigger it more often.
+What rounds 4-5 took for the cause: the frozen encoder writes an object's edge as an overshoot in latent
+channel 2 (background about +1.3, object about -2, the edge cells +2 to +2.5 or below -3), and the decoder
+paints some of those edge codes as a third colour (the blob's error gradient points at that cell and channel).
+Round 6 showed that overshoot is a symptom: an encoder trained without it (`overshoot_weight`) still gets the
+blob. The cause is the VAE's GroupNorm with one channel per group (16 groups on the first level's 16
+channels): it maps every flat colour to the same zero, so the network keeps colours by painting a small bright
+spot into its features, against whose statistics flat areas are normalised (StyleGAN2's "droplet"), and the
+spot shows. A VAE with one group (`python -m ldm_tools.train demo --vae-norm-groups 1`) has no blob; this
+trainer's decoder-side fixes are what was tried before that was known.
 
 So the decoder learns those codes properly, against targets that hold no speck and keep every other pixel:
 (a) world renders through the frozen encoder (plus latent noise): the true render, with the speck pixels
