@@ -30,6 +30,8 @@ def main(argv=None) -> None:
     sp.add_argument("--model", default="weights/demo")
     sp.add_argument("--prompts", type=int, default=50)
     sp.add_argument("--seeds", type=int, default=4)
+    sp.add_argument("--vae", default="", help="only the round trips of this VAE folder (+ the LoRA style's rims), "
+                    "no model needed: a VAE candidate before its U-Net is trained")
     ip = sub.add_parser("inpaint", help="recolour accuracy of the demo inpainting model and of the regular demo model")
     ip.add_argument("--model", default="weights/demo-inpaint")
     ip.add_argument("--base", default="weights/demo", help="the regular model to compare with ('' to skip)")
@@ -53,8 +55,11 @@ def main(argv=None) -> None:
         run_upscaler(a.model, n=a.cases, grid=a.grid or None, guidance=a.guidance)
         return
     if a.cmd == "speck":
-        from .speck import run as run_speck
+        from .speck import run as run_speck, vae_report
 
+        if a.vae:
+            vae_report(a.vae)
+            return
         run_speck(a.model, prompts=a.prompts, seeds=a.seeds)
         return
     if a.cmd == "controlnet":
