@@ -1,11 +1,13 @@
 """The local Ray's processes that outlive `ray.shutdown()`, stopped with the app.
 
 `ray.shutdown()` stops the processes the driver started (GCS, raylet, ...). The raylet's own children (the
-dashboard agent, the runtime-env agent) are meant to notice their parent's death and exit, but one that is
-busy reporting the raylet's death to a GCS that is already gone can stay for minutes: seen twice in CI,
-still running 60 s after the app had stopped. So the backend records its Ray descendants while they are
-still its descendants (`RayBackend.record_ray_processes`) and ends whatever is left after a grace period. Zombies (exited, waiting for an init that does not reap them)
-count as gone: they hold nothing but a process-table entry.
+dashboard agent, the runtime-env agent) are meant to notice their parent's death and exit, and may not if
+they outlive it busy. So the backend records its Ray descendants while they are still its descendants
+(`RayBackend.record_ray_processes`) and ends whatever is left after a grace period. Zombies (exited, waiting
+for an init that does not reap them) count as gone: they hold nothing but a process-table entry.
+(The leftovers three CI rehearsals saw came from an app that never shut down: started from a background
+shell, it had SIGINT ignored, so Ctrl+C did nothing and the test killed it; tests/test_scaleout_app.py now
+starts it with a terminal's SIGINT.)
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`python app.py --backend ray --replicas 2` as users start it, on this 2-core box without a GPU: it
-starts (replicas take CPUs), serves a request through a replica, and on Ctrl+C (SIGINT, as `docker stop`)
-stops every Ray process it started. Slow (`pytest -m slow`)."""
+starts (replicas take CPUs), serves a request through a replica, and on Ctrl+C (SIGINT, also what `docker stop`
+sends: the Dockerfile's STOPSIGNAL) stops every Ray process it started. Slow (`pytest -m slow`)."""
 from __future__ import annotations
 
 import signal
@@ -25,12 +25,18 @@ requests = pytest.importorskip("requests")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def terminal_ctrl_c() -> None:
+    """In the child: SIGINT as in a terminal. A shell running a command in the background (as a CI runner may)
+    starts it with SIGINT ignored, and Python then never raises KeyboardInterrupt (how CI rehearsals failed)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_app_starts_serves_and_stops_its_ray(tmp_path):
     port = free_port()
     log = (tmp_path / "app.log").open("w")
     proc = subprocess.Popen([sys.executable, "app.py", "--backend", "ray", "--replicas", "2", "--port", str(port),
                              "--no-save", "--models-dir", str(tmp_path / "models")], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, preexec_fn=terminal_ctrl_c)
     tree: list = []
     exited = "still running"
     try:
