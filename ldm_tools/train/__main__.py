@@ -77,6 +77,9 @@ def main(argv=None) -> None:
                     help="weight of the encoder's latents' squared distance from the starting ones")
     vd.add_argument("--overshoot-weight", type=float, default=DecoderConfig.overshoot_weight,
                     help="with --encoder-lr: weight of the latents' excess beyond the flat codes' range at edges")
+    vd.add_argument("--norm-groups", type=int, default=DecoderConfig.norm_groups,
+                    help="rebuild the VAE with this many GroupNorm groups (1: no speck) keeping its latent space "
+                         "(needs --encoder-lr; 0 = as loaded)")
     ip = sub.add_parser("inpaint", help="train the demo 9-channel inpainting model from the demo U-Net")
     ip.add_argument("--out", default="weights/demo-inpaint")
     ip.add_argument("--work-dir", default="runs/inpaint-v2")
@@ -110,7 +113,7 @@ def main(argv=None) -> None:
         cfg = dataclasses.replace(DecoderConfig(), steps=a.steps, minutes=a.minutes, layers_per_block=a.layers_per_block,
                                   lr=a.lr, lr_new=a.lr_new, hard_weight=a.speck_weight, repair_weight=a.speck_weight,
                                   encoder_lr=a.encoder_lr, latent_anchor=a.latent_anchor,
-                                  overshoot_weight=a.overshoot_weight)
+                                  overshoot_weight=a.overshoot_weight, norm_groups=a.norm_groups)
         train_decoder(a.out, a.work_dir, cfg,
                       model=a.model, resume=a.resume or a.export_only, export_only=a.export_only)
         return

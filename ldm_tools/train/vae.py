@@ -13,8 +13,12 @@ Round 6 showed that overshoot is a symptom: an encoder trained without it (`over
 blob. The cause is the VAE's GroupNorm with one channel per group (16 groups on the first level's 16
 channels): it maps every flat colour to the same zero, so the network keeps colours by painting a small bright
 spot into its features, against whose statistics flat areas are normalised (StyleGAN2's "droplet"), and the
-spot shows. A VAE with one group (`python -m ldm_tools.train demo --vae-norm-groups 1`) has no blob; this
-trainer's decoder-side fixes are what was tried before that was known.
+spot shows. A VAE with one group (`python -m ldm_tools.train demo --vae-norm-groups 1`) has no blob, but it is a
+new latent space. What the shipped demo VAE is (round 7): `--norm-groups 1`, the same VAE rebuilt with one group
+per GroupNorm (`regroup`: same tensors, other normalisation) whose encoder is trained back onto the starting
+encoder's latents (`latent_anchor` only) while the decoder learns to decode those latents, so the latent space,
+the U-Net and every add-on stay. The loss terms below are the decoder-side fixes tried before the cause was known;
+they stay in the loss.
 
 So the decoder learns those codes properly, against targets that hold no speck and keep every other pixel:
 (a) world renders through the frozen encoder (plus latent noise): the true render, with the speck pixels
@@ -86,6 +90,18 @@ class DecoderConfig:
     # The speck's cause itself, when the encoder trains: the mean squared excess of each latent cell beyond the
     # range between the render's flat background and object codes (per channel), times this weight.
     overshoot_weight: float = 0.0
+    # > 0 and not the loaded VAE's: the VAE rebuilt with this many GroupNorm groups (`regroup`; 1 removes the
+    # speck's cause) keeping the latent space: the encoder learns only to reproduce the starting encoder's
+    # latents (`latent_anchor`, needs `encoder_lr`), the decoder learns to decode those cached latents, so the
+    # demo U-Net and every add-on stay valid.
+    norm_groups: int = 0
+
+    def validate(self) -> None:
+        if self.norm_groups < 0:
+            raise ValueError("norm_groups must be >= 0")
+        if self.norm_groups and not (self.encoder_lr > 0 and self.latent_anchor > 0):
+            raise ValueError("norm_groups needs encoder_lr > 0 and latent_anchor > 0: the encoder must learn "
+                             "the starting latents again under the new normalisation")
 
 
 def overshoot(z: torch.Tensor, x: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
@@ -127,6 +143,19 @@ def deepen(vae, layers_per_block: int):
     added = [r for b in new.encoder.down_blocks for r in b.resnets[n:]] + added_resnets(new, n)
     assert all(r.output_scale_factor == 1.0 and r.conv_shortcut is None for r in added)
     new.load_state_dict({**state, **old})
+    return new.eval().requires_grad_(False)
+
+
+def regroup(vae, groups: int):
+    """A copy of AutoencoderKL `vae` whose GroupNorms have `groups` groups, with the same tensors (GroupNorm's
+    affine weights are per channel, so every shape is unchanged). Not the same function: each norm now
+    averages over its groups' channels together; training has to adapt it."""
+    from diffusers import AutoencoderKL
+
+    if groups in (0, vae.config.norm_num_groups):
+        return vae
+    new = AutoencoderKL.from_config({**dict(vae.config), "norm_num_groups": groups})
+    new.load_state_dict(vae.state_dict())
     return new.eval().requires_grad_(False)
 
 
@@ -245,13 +274,14 @@ def train_decoder(out: str | Path = "weights/demo/vae", work_dir: str | Path = "
                   cfg: DecoderConfig | None = None, model: str = "weights/demo", resume: bool = False,
                   export_only: bool = False) -> dict:
     cfg = cfg or DecoderConfig()
+    cfg.validate()
     work, parts = F.start_work(work_dir, resume, cfg.seed, model)
     data = F.cached(work / "data.pt", lambda: make_data(cfg, parts, model))
     vae = parts.vae
     # from the decoder the run starts with (cached: on --resume `model` may already hold this run's output)
     data.update(F.cached(work / "targets.pt", lambda: make_targets(vae, data, cfg)))
     start = F.cached(work / "start.pt", lambda: {"layers_per_block": vae.config.layers_per_block})
-    vae = deepen(vae, cfg.layers_per_block)
+    vae = regroup(deepen(vae, cfg.layers_per_block), cfg.norm_groups)
     scale = vae.config.scaling_factor
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     enc_params = list(vae.encoder.parameters()) + list(vae.quant_conv.parameters()) if cfg.encoder_lr else []
@@ -282,6 +312,8 @@ def train_decoder(out: str | Path = "weights/demo/vae", work_dir: str | Path = "
         if enc_params:  # this encoder's latents, kept near the starting ones
             start_z, z = z, vae.encode(x).latent_dist.mean * scale
             anchor = cfg.latent_anchor * TF.mse_loss(z, start_z)
+            if cfg.norm_groups:  # the latent space stays: the decoder learns the starting latents
+                z = start_z
             if cfg.overshoot_weight:
                 anchor = anchor + cfg.overshoot_weight * overshoot(z, x, PALETTE[data["pair"][idx][:, 0]]).pow(2).mean()
         z = z + cfg.latent_noise * torch.randn(z.shape, generator=gen)
