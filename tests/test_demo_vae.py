@@ -120,3 +120,19 @@ def test_regrouping_needs_the_encoder_to_learn_the_starting_latents():
     with pytest.raises(ValueError, match="latent_anchor"):
         V.DecoderConfig(norm_groups=1, encoder_lr=1e-3, latent_anchor=0).validate()
     V.DecoderConfig(norm_groups=1, encoder_lr=1e-3).validate()
+
+
+def test_render_mix_puts_the_rim_renders_first_and_keeps_the_monitor_renders_solid():
+    from ldm_tools.train import world as W
+
+    images, idx = V.render_mix(12, 0.25, seed=0)
+    assert images.shape == (12, W.IMAGE_SIZE, W.IMAGE_SIZE, 3) and len(idx) == 12
+    hollow = [W.is_hollow(im) for im in images]
+    assert not any(hollow[3:])  # solid shapes, the last of which monitor
+    assert all(hollow[:3])  # the rims
+    plain, _ = V.render_mix(12, 0.0, seed=0)
+    assert not any(W.is_hollow(im) for im in plain)
+    import pytest
+
+    with pytest.raises(ValueError, match="rim_share"):
+        V.DecoderConfig(rim_share=1.0).validate()

@@ -80,6 +80,8 @@ def main(argv=None) -> None:
     vd.add_argument("--norm-groups", type=int, default=DecoderConfig.norm_groups,
                     help="rebuild the VAE with this many GroupNorm groups (1: no speck) keeping its latent space "
                          "(needs --encoder-lr; 0 = as loaded)")
+    vd.add_argument("--rim-share", type=float, default=DecoderConfig.rim_share,
+                    help="share of the renders drawn in the demo LoRA's rim style, so the decoder learns them too")
     ip = sub.add_parser("inpaint", help="train the demo 9-channel inpainting model from the demo U-Net")
     ip.add_argument("--out", default="weights/demo-inpaint")
     ip.add_argument("--work-dir", default="runs/inpaint-v2")
@@ -113,7 +115,8 @@ def main(argv=None) -> None:
         cfg = dataclasses.replace(DecoderConfig(), steps=a.steps, minutes=a.minutes, layers_per_block=a.layers_per_block,
                                   lr=a.lr, lr_new=a.lr_new, hard_weight=a.speck_weight, repair_weight=a.speck_weight,
                                   encoder_lr=a.encoder_lr, latent_anchor=a.latent_anchor,
-                                  overshoot_weight=a.overshoot_weight, norm_groups=a.norm_groups)
+                                  overshoot_weight=a.overshoot_weight, norm_groups=a.norm_groups,
+                                  rim_share=a.rim_share)
         train_decoder(a.out, a.work_dir, cfg,
                       model=a.model, resume=a.resume or a.export_only, export_only=a.export_only)
         return

@@ -95,8 +95,13 @@ class DecoderConfig:
     # latents (`latent_anchor`, needs `encoder_lr`), the decoder learns to decode those cached latents, so the
     # demo U-Net and every add-on stay valid.
     norm_groups: int = 0
+    # This share of the renders drawn in the demo LoRA's rim style (`world.rim_width`): the decoder then learns the
+    # latents that style's LoRA generates too, not only solid shapes (the monitor renders stay solid).
+    rim_share: float = 0.0
 
     def validate(self) -> None:
+        if not 0 <= self.rim_share < 1:
+            raise ValueError("rim_share must be in [0, 1)")
         if self.norm_groups < 0:
             raise ValueError("norm_groups must be >= 0")
         if self.norm_groups and not (self.encoder_lr > 0 and self.latent_anchor > 0):
@@ -212,9 +217,20 @@ def decode_u8(vae, scaled: torch.Tensor) -> np.ndarray:
     return ((torch.cat(out).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
+def render_mix(n: int, rim_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n training renders and their combination indices: round(n * rim_share) in the demo LoRA's rim style
+    first, so that the last ones, which only monitor, are solid shapes."""
+    n_rims = round(n * rim_share)
+    images, idx = F.render_set(n - n_rims, seed + 7)
+    if not n_rims:
+        return images, idx
+    rims, rim_idx = F.render_set(n_rims, seed + 11, outline=W.rim_width)
+    return np.concatenate([rims, images]), np.concatenate([rim_idx, idx])
+
+
 def make_data(cfg: DecoderConfig, parts: F.DemoParts, model: str) -> dict:
     combos = W.train_combos()
-    images, idx = F.render_set(cfg.n_images, cfg.seed + 7)
+    images, idx = render_mix(cfg.n_images, cfg.rim_share, cfg.seed)
     cols = {c: i for i, c in enumerate(W.COLOURS)}
     gen_lat, _ = generate_latents(model, combos, cfg.n_generated, cfg.gen_seed)
     # the two colours each generated image actually holds, read on the shipped decoder's output
