@@ -414,8 +414,8 @@ generating {r['seeds']} at a time. Evaluation took {r['eval_minutes']:.1f} min.
 Known weaknesses: the remaining shape errors are mostly squares drawn with rounded corners or
 slightly distorted (read as circles/triangles); a few images carry a thin fringe of a third colour along
 the frame or an edge (the stray-blob count, `python -m ldm_tools.eval speck`, is in `docs/demo-addons.md`;
-the VAE's per-channel GroupNorm put a blob on most images until round 7). The inpainting row is this regular (4-channel) model, which
-inpaints by blending the original's latents back outside the mask after every step: the repainted
+the VAE's per-channel GroupNorm put a blob on most images until round 7). The inpainting row is this
+regular (4-channel) model, which inpaints by blending the original's latents back outside the mask after every step: the repainted
 object is often small or blotchy inside the box; pixels outside the mask are pasted back exactly.
 Its 9-channel inpainting variant, `weights/demo-inpaint`, and its figures: `docs/demo-addons.md`.
 

@@ -328,10 +328,10 @@ def train_decoder(out: str | Path = "weights/demo/vae", work_dir: str | Path = "
         if enc_params:  # this encoder's latents, kept near the starting ones
             start_z, z = z, vae.encode(x).latent_dist.mean * scale
             anchor = cfg.latent_anchor * TF.mse_loss(z, start_z)
-            if cfg.norm_groups:  # the latent space stays: the decoder learns the starting latents
-                z = start_z
             if cfg.overshoot_weight:
                 anchor = anchor + cfg.overshoot_weight * overshoot(z, x, PALETTE[data["pair"][idx][:, 0]]).pow(2).mean()
+            if cfg.norm_groups:  # the latent space stays: the decoder learns the starting latents
+                z = start_z
         z = z + cfg.latent_noise * torch.randn(z.shape, generator=gen)
         rec = vae.decode(z / scale).sample
         pair = data["pair"][idx]
